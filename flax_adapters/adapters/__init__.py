@@ -1,0 +1,1 @@
+"""Adapter methods as pure functions over parameter trees."""

@@ -1,0 +1,118 @@
+"""Layers shared by the model families: linear, RMSNorm, rotary embeddings,
+masks and grouped-query attention with an explicit KV cache.
+
+Axis legend: b batch, t query time, s key time, d model width, h query heads,
+k kv heads, g query heads per kv head, n head dim, f MLP width, v vocab.
+
+Every `Linear` is an adapter site: `adapters.sites.linear_in` may rewrite its
+input and `adapters.sites.linear` its output, each applying whichever adapter
+leaves sit beside the kernel (untouched, at no cost, when there are none).
+Kernels are stored (in, out), i.e. the transpose of PyTorch's `weight`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flax_adapters.adapters import sites
+from flax_adapters.models.config import RopeScaling
+
+Dtype = Any
+NEG_INF = -1e30  # finite, so a fully masked (padding) row gives no NaN
+
+
+class Linear(nn.Module):
+    """y = x @ kernel (+ bias), then the adapter site."""
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    settings: sites.Settings = sites.Settings()
+
+    @nn.compact
+    def __call__(self, x_bti: jax.Array, deterministic: bool = True) -> jax.Array:
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+            (x_bti.shape[-1], self.features), self.param_dtype)
+        x_bti = x_bti.astype(self.dtype)
+        x_in = sites.linear_in(self, x_bti, self.settings, deterministic)
+        y_bto = x_in @ kernel.astype(self.dtype)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype)
+            y_bto = y_bto + bias.astype(self.dtype)
+        return sites.linear(self, x_bti, y_bto, self.settings, deterministic)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        # As transformers: normalise in float32, cast back, then scale.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
+    """Inverse frequencies (n/2,), with the 'linear' or 'llama3' scaling of transformers."""
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv
+    if scaling.rope_type == "linear":
+        return inv / scaling.factor
+    # llama3: long wavelengths slowed by `factor`, short kept, smooth in between.
+    old = scaling.original_max_position_embeddings
+    low_wavelen = old / scaling.low_freq_factor
+    high_wavelen = old / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_btkn: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding in the half-split layout of transformers (rotate_half)."""
+    freqs_btn = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs_btn, freqs_btn], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x_btkn.dtype), jnp.sin(emb).astype(x_btkn.dtype)
+    half = x_btkn.shape[-1] // 2
+    rotated = jnp.concatenate([-x_btkn[..., half:], x_btkn[..., :half]], axis=-1)
+    return x_btkn * cos + rotated * sin
+
+
+def attention_mask(q_slots_t: jax.Array, key_valid_bs: jax.Array,
+                   sliding_window: int | None = None) -> jax.Array:
+    """Boolean (b, t, s) mask: key slot s is visible from query slot t if it
+    is valid (not padding) and not in the future (and inside the window)."""
+    s_slots = jnp.arange(key_valid_bs.shape[1])
+    causal_ts = s_slots[None, :] <= q_slots_t[:, None]
+    if sliding_window is not None:
+        causal_ts &= s_slots[None, :] > q_slots_t[:, None] - sliding_window
+    return causal_ts[None] & key_valid_bs[:, None, :].astype(bool)
+
+
+def dot_attention(q_btkgn: jax.Array, k_bskn: jax.Array, v_bskn: jax.Array,
+                  mask_bts: jax.Array) -> jax.Array:
+    """Softmax attention, scores and softmax in float32."""
+    scale = 1.0 / math.sqrt(q_btkgn.shape[-1])
+    scores = jnp.einsum("btkgn,bskn->bkgts", q_btkgn, k_bskn,
+                        preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask_bts[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskn.dtype)
+    return jnp.einsum("bkgts,bskn->btkgn", probs, v_bskn)
