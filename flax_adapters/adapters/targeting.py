@@ -1,0 +1,84 @@
+"""Which sites an adapter attaches to: resolved once, from parameter paths.
+
+A linear site is a module of the base tree holding a `kernel`; its name is
+its path joined with '/', e.g. `layers_3/self_attn/q_proj`. A target spec is
+a list of suffixes of the module name (PEFT's `target_modules`: "q_proj"
+matches every layer's q_proj), a regex string (full match against the
+path), or "all-linear" (every linear site but the output head, as PEFT).
+A spec that matches nothing is an error naming the sites that exist; the
+resolved list is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Sequence, Union
+
+import jax
+
+log = logging.getLogger(__name__)
+
+TargetSpec = Union[str, Sequence[str]]
+
+# LLM-Adapters' defaults for LLaMA-family models (its finetune.py mappings).
+PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "llama": {
+        "lora": ("q_proj", "v_proj"),
+        "bottleneck": ("gate_proj", "up_proj", "down_proj"),  # AdapterH (series)
+        "adapterp": ("down_proj",),  # AdapterP (Pfeiffer)
+        "parallel": ("q_proj", "k_proj", "v_proj"),
+        "ia3": ("k_proj", "v_proj", "down_proj"),  # PEFT's default for llama
+        "ia3_feedforward": ("down_proj",),
+    },
+}
+PRESETS["mistral"] = PRESETS["qwen2"] = PRESETS["llama"]
+
+
+def path_str(path) -> str:
+    """A jax key path as 'a/b/c'."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def linear_sites(tree: dict) -> list[str]:
+    """Every module of `tree` that holds a `kernel`, in tree order."""
+    sites = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = path_str(path)
+        if name.endswith("/kernel"):
+            sites.append(name.removesuffix("/kernel"))
+    return sites
+
+
+def resolve(tree: dict, spec: TargetSpec) -> list[str]:
+    """The linear sites of `tree` that `spec` selects (see module docstring)."""
+    sites = linear_sites(tree)
+    if spec == "all-linear":
+        chosen = [s for s in sites if s != "lm_head"]
+    elif isinstance(spec, str):
+        try:
+            pattern = re.compile(spec)
+        except re.error as e:
+            raise ValueError(f"target regex {spec!r} is invalid: {e}") from None
+        chosen = [s for s in sites if pattern.fullmatch(s)]
+    else:
+        suffixes = tuple(spec)
+        unmatched = [x for x in suffixes if not any(s == x or s.endswith("/" + x) for s in sites)]
+        if unmatched:
+            raise ValueError(f"target(s) {unmatched} match no site; the linear sites are "
+                             f"named {sorted({s.rsplit('/', 1)[-1] for s in sites})}")
+        chosen = [s for s in sites if any(s == x or s.endswith("/" + x) for x in suffixes)]
+    if not chosen:
+        raise ValueError(f"targets {spec!r} match no site; the linear sites are named "
+                         f"{sorted({s.rsplit('/', 1)[-1] for s in sites})} "
+                         f"(full paths like {sites[0]!r})")
+    log.info("adapter targets (%d sites): %s", len(chosen), ", ".join(chosen))
+    return chosen
+
+
+def preset(model_type: str, method: str) -> tuple[str, ...]:
+    try:
+        return PRESETS[model_type][method]
+    except KeyError:
+        raise ValueError(f"no target preset for method {method!r} on {model_type!r}; "
+                         "give target_modules explicitly") from None
