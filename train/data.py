@@ -1,0 +1,446 @@
+"""The data side of `python -m train`: records -> prompts -> tokens -> batches.
+
+Follows LLM-Adapters' finetune.py (AGI-Edgerunners/LLM-Adapters), which took it
+from tloen/alpaca-lora:
+  * records are `{"instruction", "input", "output"[, "answer"]}`, read with
+    `datasets.load_dataset("json", data_files=...)` or by hub name;
+  * `generate_prompt` puts them in the Alpaca template; the prompt is
+    tokenized with the output as ONE string, truncated to `cutoff_len`
+    (default 256), and EOS is appended unless the text was truncated;
+  * with `train_on_inputs=False` the first `user_prompt_len` tokens, counted by
+    tokenizing the prompt alone, are excluded from the loss;
+  * the validation split is `train_test_split(test_size=val_set_size,
+    shuffle=True, seed=42)`.
+
+Where we differ, and why:
+  * Templates. "llm_adapters" is finetune.py's f-string verbatim, with the 16
+    spaces of source indentation and the trailing spaces inside it (use it to
+    match adapters trained by LLM-Adapters). "alpaca", the default, is the
+    template those strings were copied from (alpaca-lora's templates/alpaca.json).
+    Its response starts on a fresh line, so the prompt's tokens are a prefix of
+    the prompt+output tokens under both BPE and SentencePiece. With the verbatim
+    strings they are not: the prompt ends in 16 spaces, and a byte-level BPE
+    tokenizes them as a single token when the prompt stands alone (generation)
+    but as 15 spaces + " Word" inside prompt+output (training), so the model is
+    evaluated on a prompt ending it never saw in training (measured with
+    SmolLM2's tokenizer: every embedded:arith example mismatches).
+    `Tokenized.prefix_mismatches` counts such examples. "chat" uses the
+    tokenizer's chat template (user = instruction [+ input], assistant = output).
+  * Padding is on the right with an explicit `valid` mask (LLM-Adapters pads
+    on the left with id 0), and lengths are padded up to a small fixed set of
+    buckets, so the jitted step compiles once per bucket instead of once per
+    length.
+  * The train order is a pure function of (seed, step): `TrainBatches.batch_at`.
+    Resuming needs only the step number, which the checkpoint already holds.
+
+Batch layout (numpy, right padded, t = a bucket size):
+    tokens    (b, t) int32  token ids; padding = pad id
+    valid     (b, t) bool   True on real tokens
+    loss_mask (b, t) bool   loss_mask[r, i] is True iff the prediction made AT
+                            position i (of token i + 1) counts in the loss:
+                            token i + 1 is real and is a target (not prompt,
+                            when train_on_inputs=False). The last real position
+                            and all padding are False.
+The train step computes `xent(logits[:, :-1], tokens[:, 1:])` weighted by
+`loss_mask[:, :-1]`: LLM-Adapters' `labels != -100` shifted left by one.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from train import arith
+
+if TYPE_CHECKING:
+    from train.config import DataConfig
+
+Record = dict[str, Any]
+Batch = dict[str, np.ndarray]
+
+EMBEDDED_ARITH = "embedded:arith"
+EMBEDDED_SEED = 0  # fixed, so every run (whatever its seed) is scored on the same test items
+VAL_SPLIT_SEED = 42  # LLM-Adapters' train_test_split seed: same split for every run seed
+GROUP_BY_LENGTH_MEGABATCH = 50  # batches per length-sorted group, as HF's LengthGroupedSampler
+
+# ------------------------------------------------------------------------- templates
+
+# alpaca-lora templates/alpaca.json
+ALPACA_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+# LLM-Adapters finetune.py `generate_prompt`, character for character (the 16
+# spaces are its source indentation; note one trailing space after "request."
+# with input and two without). The output follows the last line directly.
+_I = " " * 16
+LLM_ADAPTERS_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request. \n\n"
+    f"{_I}### Instruction:\n{_I}{{instruction}}\n{_I}\n{_I}### Input:\n{_I}{{input}}\n{_I}\n"
+    f"{_I}### Response:\n{_I}")
+LLM_ADAPTERS_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.  \n\n"
+    f"{_I}### Instruction:\n{_I}{{instruction}}\n{_I}\n{_I}### Response:\n{_I}")
+
+_FORMATS = {"alpaca": (ALPACA_INPUT, ALPACA_NO_INPUT),
+            "llm_adapters": (LLM_ADAPTERS_INPUT, LLM_ADAPTERS_NO_INPUT)}
+TEMPLATES = (*_FORMATS, "chat")
+
+
+def prompt_for_eval(record: Record, template: str = "alpaca", tokenizer: Any = None) -> str:
+    """The prompt text without the answer: what a model is asked at evaluation.
+
+    Training text is exactly `prompt_for_eval(record) + record["output"]`."""
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("template='chat' needs a tokenizer with a chat template; this "
+                             "one has none: use template='alpaca'")
+        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        return tokenizer.apply_chat_template([{"role": "user", "content": user}],
+                                             tokenize=False, add_generation_prompt=True)
+    if template not in _FORMATS:
+        raise ValueError(f"unknown prompt template {template!r}; choose one of {TEMPLATES}")
+    with_input, without_input = _FORMATS[template]
+    if record.get("input"):  # LLM-Adapters tests truthiness: "" and None mean no input
+        return with_input.format(instruction=record["instruction"], input=record["input"])
+    return without_input.format(instruction=record["instruction"])
+
+
+def generate_prompt(record: Record, template: str = "alpaca", tokenizer: Any = None) -> str:
+    """The full training text: prompt + output (LLM-Adapters' `generate_prompt`)."""
+    return prompt_for_eval(record, template, tokenizer) + record["output"]
+
+
+def add_special_tokens(template: str) -> bool:
+    """Whether the tokenizer adds its own specials (e.g. LLaMA's BOS). A chat
+    template already writes them, so adding them again would double the BOS."""
+    return template != "chat"
+
+
+def encode_prompt(record: Record, tokenizer: Any, template: str = "alpaca") -> list[int]:
+    """Token ids of `prompt_for_eval(record)`, tokenized as in training."""
+    text = prompt_for_eval(record, template, tokenizer)
+    return tokenizer(text, add_special_tokens=add_special_tokens(template))["input_ids"]
+
+# ------------------------------------------------------------------------- tokenize
+
+
+class Example(NamedTuple):
+    tokens: np.ndarray  # (n,) int32, n <= cutoff_len
+    prompt_len: int     # leading tokens that are not loss targets (0: train_on_inputs)
+
+
+class Tokenized(NamedTuple):
+    examples: list[Example]
+    truncated: int           # examples that reached cutoff_len without EOS (cut off)
+    no_target: int           # examples whose every token is masked (prompt >= cutoff_len)
+    prefix_mismatches: int   # prompt tokens not a prefix of prompt+output tokens
+
+
+def tokenize(records: Sequence[Record], tokenizer: Any, *, template: str = "alpaca",
+             cutoff_len: int = 256, train_on_inputs: bool = True) -> Tokenized:
+    """LLM-Adapters' `generate_and_tokenize_prompt` over all records (batched calls)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id; set tokenizer.eos_token")
+    if cutoff_len < 2:
+        raise ValueError(f"cutoff_len must be >= 2, got {cutoff_len}")
+    if not records:
+        return Tokenized([], 0, 0, 0)
+    special = add_special_tokens(template)
+    prompts = [prompt_for_eval(r, template, tokenizer) for r in records]
+    fulls = [p + r["output"] for p, r in zip(prompts, records)]
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, truncation=True, max_length=cutoff_len,
+                         add_special_tokens=special)["input_ids"]
+
+    full_ids, prompt_ids = encode(fulls), encode(prompts)
+    examples, truncated, no_target, mismatches = [], 0, 0, 0
+    for ids, p_ids in zip(full_ids, prompt_ids):
+        ids = list(ids)
+        # As finetune.py: EOS only if there is room; a truncated text gets none.
+        if ids[-1] != eos and len(ids) < cutoff_len:
+            ids.append(eos)
+        else:
+            truncated += ids[-1] != eos
+        mismatches += ids[:len(p_ids)] != list(p_ids)
+        prompt_len = 0 if train_on_inputs else min(len(p_ids), len(ids))
+        no_target += prompt_len >= len(ids)
+        examples.append(Example(np.asarray(ids, np.int32), prompt_len))
+    return Tokenized(examples, truncated, no_target, mismatches)
+
+# ------------------------------------------------------------------------- batches
+
+
+def bucket_sizes(cutoff_len: int, smallest: int = 32) -> tuple[int, ...]:
+    """Powers of two from `smallest` below `cutoff_len`, then `cutoff_len`.
+
+    (32, 64, 128, 256) for the default: at most 2x padding, and only four
+    shapes for the jitted step to compile."""
+    sizes, s = [], smallest
+    while s < cutoff_len:
+        sizes.append(s)
+        s *= 2
+    return (*sizes, cutoff_len)
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    for b in sorted(buckets):
+        if length <= b:
+            return b
+    raise ValueError(f"sequence of {length} tokens is longer than the largest bucket "
+                     f"{max(buckets)}; the buckets must reach cutoff_len")
+
+
+def collate(examples: Sequence[Example], seq_len: int, pad_id: int,
+            n_rows: int | None = None) -> Batch:
+    """Right-padded batch of `examples`; rows past len(examples) (up to n_rows)
+    are all padding with valid and loss_mask False (they add nothing to a loss)."""
+    n_rows = len(examples) if n_rows is None else n_rows
+    tokens = np.full((n_rows, seq_len), pad_id, np.int32)
+    valid = np.zeros((n_rows, seq_len), bool)
+    loss_mask = np.zeros((n_rows, seq_len), bool)
+    for r, ex in enumerate(examples):
+        n = len(ex.tokens)
+        tokens[r, :n] = ex.tokens
+        valid[r, :n] = True
+        # position i predicts token i + 1; it counts if that token is a target
+        loss_mask[r, max(ex.prompt_len, 1) - 1:n - 1] = True
+    return {"tokens": tokens, "valid": valid, "loss_mask": loss_mask}
+
+
+def process_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
+    """This process's rows of a global batch: contiguous equal blocks in process
+    order, so the global batch (and its order) is the same for any process count."""
+    if global_batch_size % process_count:
+        raise ValueError(f"batch size {global_batch_size} is not divisible by the "
+                         f"{process_count} processes")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    per = global_batch_size // process_count
+    return slice(process_index * per, (process_index + 1) * per)
+
+
+def shard_rows(batch: Batch, process_index: int, process_count: int) -> Batch:
+    rows = process_slice(len(batch["tokens"]), process_index, process_count)
+    return {k: v[rows] for k, v in batch.items()}
+
+
+class TrainBatches:
+    """Training batches as a pure function of (seed, step).
+
+    Epoch e is a permutation drawn from `np.random.default_rng([seed, e])`, cut
+    into `len(examples) // batch_size` full batches (the remainder is dropped;
+    a new permutation drops different examples each epoch). Each batch is
+    padded to the smallest bucket that holds its longest example, the same for
+    every process. With `group_by_length`, examples are sorted by length
+    within groups of 50 batches (HF's LengthGroupedSampler, which LLM-Adapters'
+    `group_by_length` flag turns on) and the batch order is then shuffled, so
+    batches need less padding without a saw-tooth loss curve.
+    """
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, *, seed: int,
+                 buckets: Sequence[int], pad_id: int, group_by_length: bool = False):
+        if batch_size < 1 or len(examples) < batch_size:
+            raise ValueError(f"{len(examples)} training examples cannot fill one batch of "
+                             f"{batch_size}; lower batch_size or add data")
+        self.examples = list(examples)
+        self.lengths = np.array([len(e.tokens) for e in self.examples])
+        if self.lengths.max() > max(buckets):
+            raise ValueError(f"an example has {self.lengths.max()} tokens, more than the "
+                             f"largest bucket {max(buckets)}")
+        self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
+        self.buckets = tuple(sorted(buckets))
+        self.group_by_length = group_by_length
+        self.steps_per_epoch = len(self.examples) // batch_size
+        self._cache: tuple[int, np.ndarray] | None = None  # (epoch, its order)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """(steps_per_epoch, batch_size) example indices of `epoch`."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        perm = rng.permutation(len(self.examples))
+        if self.group_by_length:
+            size = GROUP_BY_LENGTH_MEGABATCH * self.batch_size
+            perm = np.concatenate([g[np.argsort(-self.lengths[g], kind="stable")]
+                                   for g in np.split(perm, range(size, len(perm), size))])
+        order = perm[:self.steps_per_epoch * self.batch_size].reshape(
+            self.steps_per_epoch, self.batch_size)
+        if self.group_by_length:
+            order = order[rng.permutation(self.steps_per_epoch)]
+        self._cache = (epoch, order)
+        return order
+
+    def indices_at(self, step: int) -> np.ndarray:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        return self.epoch_order(epoch)[i]
+
+    def batch_at(self, step: int, process_index: int = 0, process_count: int = 1) -> Batch:
+        """The batch of `step` (0-based), or this process's rows of it."""
+        idx = self.indices_at(step)
+        seq_len = bucket_for(int(self.lengths[idx].max()), self.buckets)
+        rows = idx[process_slice(self.batch_size, process_index, process_count)]
+        return collate([self.examples[i] for i in rows], seq_len, self.pad_id)
+
+    def iterate(self, start_step: int = 0, process_index: int = 0,
+                process_count: int = 1) -> Iterator[Batch]:
+        """Endless batches from `start_step`: resuming at step s gives exactly
+        the batches an uninterrupted run gives from s on."""
+        step = start_step
+        while True:
+            yield self.batch_at(step, process_index, process_count)
+            step += 1
+
+
+def eval_batches(examples: Sequence[Example], batch_size: int, *, buckets: Sequence[int],
+                 pad_id: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[Batch]:
+    """Every example once, in batches of exactly `batch_size` rows (the last one
+    padded with empty rows). Sorted by length to cut padding: the order of a
+    summed loss does not matter."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
+    rows = process_slice(batch_size, process_index, process_count)
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start:start + batch_size]]
+        seq_len = bucket_for(max(len(e.tokens) for e in chunk), buckets)
+        batch = collate(chunk, seq_len, pad_id, n_rows=batch_size)
+        yield {k: v[rows] for k, v in batch.items()}
+
+# ------------------------------------------------------------------------- loading
+
+
+def _check_records(records: list[Record], where: str) -> list[Record]:
+    if not records:
+        raise ValueError(f"{where}: contains no records")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise ValueError(f"{where}: record {i} is {type(r).__name__}, not an object with "
+                             f"instruction/input/output")
+        for key in ("instruction", "output"):
+            if not isinstance(r.get(key), str):
+                fields = ", ".join(sorted(k for k, v in r.items() if v is not None))
+                raise ValueError(f"{where}: record {i} has no string {key!r} (its fields: "
+                                 f"{fields}); expected LLM-Adapters records "
+                                 f"{{instruction, input, output[, answer]}}")
+    return [{**r, "input": r.get("input") or ""} for r in records]
+
+
+def _load_json(path: pathlib.Path) -> list[Record]:
+    import datasets  # heavy import, only when a file is read
+
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    try:
+        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001 -- explain in one line, below
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as bad:
+            raise ValueError(f"{path}: invalid JSON ({bad.msg} at line {bad.lineno}, column "
+                             f"{bad.colno})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 text") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: not a JSON list of records ({first})") from None
+    return _check_records(ds.to_list(), str(path))
+
+
+def _load_hub(name: str) -> list[Record]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:  # noqa: BLE001 -- any hub failure means the same to the user
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"data path {name!r} is not a local file and could not be loaded as "
+                         f"a hub dataset ({type(e).__name__}: {first}); the hub may be "
+                         f"unreachable: pass a local LLM-Adapters .json file or "
+                         f"{EMBEDDED_ARITH!r}") from None
+    return _check_records(ds.to_list(), name)
+
+
+def load_records(path: str, *, embedded_train_size: int = 2000,
+                 embedded_test_size: int = 64) -> tuple[list[Record], list[Record]]:
+    """(records to train on, held-out test records).
+
+    `path` is `embedded:arith`, a local LLM-Adapters JSON file (a list of
+    records, or JSON lines), or a hub dataset name (its "train" split). Only
+    the embedded source has its own test split; for files it is empty."""
+    if path.startswith("embedded:"):
+        if path != EMBEDDED_ARITH:
+            raise ValueError(f"unknown embedded data source {path!r}; the one there is is "
+                             f"{EMBEDDED_ARITH!r}")
+        return arith.make_split(embedded_train_size, embedded_test_size, EMBEDDED_SEED)
+    p = pathlib.Path(path).expanduser()
+    if p.exists() or p.suffix in (".json", ".jsonl"):
+        return _load_json(p), []
+    return _load_hub(path), []
+
+
+def split_validation(records: list[Record], val_set_size: int,
+                     seed: int = VAL_SPLIT_SEED) -> tuple[list[Record], list[Record]]:
+    """(train, val) as LLM-Adapters: `train_test_split(test_size=val_set_size,
+    shuffle=True, seed=42)` of the datasets library, so the same seed gives
+    LLM-Adapters' own split of the same file."""
+    if val_set_size <= 0:
+        return list(records), []
+    if val_set_size >= len(records):
+        raise ValueError(f"val_set_size={val_set_size} leaves nothing to train on "
+                         f"({len(records)} records)")
+    import datasets
+
+    parts = datasets.Dataset.from_list(records).train_test_split(
+        test_size=val_set_size, shuffle=True, seed=seed, keep_in_memory=True)
+    return parts["train"].to_list(), parts["test"].to_list()
+
+
+class Splits(NamedTuple):
+    train: list[Record]
+    val: list[Record]   # held out from train for the validation loss
+    test: list[Record]  # held out for generation accuracy: embedded test split, else val
+
+
+def load_splits(path: str, *, val_set_size: int, embedded_train_size: int = 2000,
+                embedded_test_size: int = 64) -> Splits:
+    records, test = load_records(path, embedded_train_size=embedded_train_size,
+                                 embedded_test_size=embedded_test_size)
+    train, val = split_validation(records, val_set_size)
+    return Splits(train, val, test or val)
+
+
+class Prepared(NamedTuple):
+    train: TrainBatches
+    val: list[Example]   # for eval_batches
+    test: list[Record]   # for prompt_for_eval + the `answer` field
+    info: dict           # counts worth logging
+
+
+def prepare(cfg: "DataConfig", tokenizer: Any, *, batch_size: int, seed: int) -> Prepared:
+    """Everything `python -m train` needs from its `data` config section."""
+    splits = load_splits(cfg.path, val_set_size=cfg.val_set_size,
+                         embedded_train_size=cfg.embedded_train_size,
+                         embedded_test_size=cfg.embedded_test_size)
+    kw = dict(template=cfg.template, cutoff_len=cfg.cutoff_len,
+              train_on_inputs=cfg.train_on_inputs)
+    train, val = tokenize(splits.train, tokenizer, **kw), tokenize(splits.val, tokenizer, **kw)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+        else tokenizer.eos_token_id
+    buckets = bucket_sizes(cfg.cutoff_len)
+    batches = TrainBatches(train.examples, batch_size, seed=seed, buckets=buckets, pad_id=pad_id)
+    info = {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
+            "buckets": buckets, "steps_per_epoch": batches.steps_per_epoch,
+            "truncated": train.truncated + val.truncated,
+            "no_target": train.no_target + val.no_target,
+            "prefix_mismatches": train.prefix_mismatches + val.prefix_mismatches}
+    return Prepared(batches, val.examples, splits.test, info)
