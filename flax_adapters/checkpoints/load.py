@@ -89,6 +89,8 @@ def load_pretrained(path: str | pathlib.Path, dtype: Any = "float32") -> Pretrai
         from flax_adapters.checkpoints.gguf import read_gguf
         hf, state, tokenizer = read_gguf(p)
         cfg = LlamaConfig.from_hf(hf)
-        return Pretrained(cfg, hf_state_to_params(cfg, state, dtype), tokenizer, hf)
+        # Pop each float32 tensor as it is converted: one copy of the model, not two.
+        params = hf_state_to_params(cfg, ((k, state.pop(k)) for k in list(state)), dtype)
+        return Pretrained(cfg, params, tokenizer, hf)
     cfg, params, hf = load_hf_dir(p, dtype)
     return Pretrained(cfg, params, _tokenizer(p), hf)
