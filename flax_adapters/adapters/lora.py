@@ -10,7 +10,8 @@ At each targeted linear site (kernel W of shape (in, out)):
 A and B are PEFT's `lora_A.weight.T` and `lora_B.weight.T`. Init as PEFT:
 A kaiming-uniform (a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))) and B = 0, so
 a fresh adapter leaves outputs unchanged; "gaussian" draws A ~ N(0, 1/r).
-The (in, out) delta A @ B is only formed by `merge`.
+The (in, out) delta A @ B is only formed by `merge`. `use_dora=True` makes
+the same leaves a DoRA adapter (PEFT's flag; see dora.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_adapters.adapters import targeting
-from flax_adapters.adapters.tree import get, with_site
+from flax_adapters.adapters.tree import combine, get, split, with_site
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,7 @@ class LoraConfig:
     target_modules: targeting.TargetSpec | None = None  # None: the family's preset
     use_rslora: bool = False
     init: Literal["kaiming", "gaussian"] = "kaiming"
+    use_dora: bool = False  # DoRA (dora.py): adds a magnitude vector per site
 
     def __post_init__(self):
         if self.r <= 0:
@@ -86,3 +88,19 @@ def merge(tree: dict, cfg: LoraConfig) -> dict:
     for site in list(_sites(tree)):
         tree = with_site(tree, site, fold)
     return tree
+
+
+def unmerge(merged: dict, adapter: dict, cfg: LoraConfig) -> dict:
+    """Inverse of `merge`: W' - scale * A @ B at every LoRA site of `adapter`
+    (the adapted tree or just its trainable part), whose leaves are put back:
+
+        unmerge(merge(tree, cfg), split(tree).trainable, cfg) == tree  (to rounding)
+    """
+    adapter = split(adapter).trainable
+    def unfold(m, a, b):
+        w = m["kernel"]
+        return {**m, "kernel": (w - cfg.scale * (a @ b)).astype(w.dtype)}
+    for site in list(_sites(adapter)):
+        leaves = get(adapter, site)
+        merged = with_site(merged, site, lambda m, x=leaves: unfold(m, x["lora_a"], x["lora_b"]))
+    return combine(merged, adapter)

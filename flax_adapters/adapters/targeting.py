@@ -72,8 +72,18 @@ def resolve(tree: dict, spec: TargetSpec) -> list[str]:
         raise ValueError(f"targets {spec!r} match no site; the linear sites are named "
                          f"{sorted({s.rsplit('/', 1)[-1] for s in sites})} "
                          f"(full paths like {sites[0]!r})")
-    log.info("adapter targets (%d sites): %s", len(chosen), ", ".join(chosen))
+    log.info("adapter targets: %d sites: %s", len(chosen), summarize(chosen))
     return chosen
+
+
+def summarize(chosen: list[str]) -> str:
+    """'q_proj x30 (layers_0..layers_29), v_proj x30 (...)': the resolved list, short."""
+    groups: dict[str, list[str]] = {}
+    for site in chosen:
+        head, _, name = site.rpartition("/")
+        groups.setdefault(name, []).append(head.split("/")[0])
+    return ", ".join(f"{name} x{len(heads)} ({heads[0]}..{heads[-1]})" if len(heads) > 1
+                     else f"{name} ({heads[0]})" for name, heads in groups.items())
 
 
 def preset(model_type: str, method: str) -> tuple[str, ...]:

@@ -152,28 +152,34 @@ class LlamaForCausalLM(nn.Module):
         if valid_bt is None:
             valid_bt = jnp.ones((b, t), bool)
         valid_bt = valid_bt.astype(bool)
-        if cache is None:
-            index = jnp.zeros((), jnp.int32)
-            key_valid_bs, past_bt = valid_bt, 0
-        else:
-            index = cache["index"]
-            key_valid_bs = jax.lax.dynamic_update_slice(cache["valid"], valid_bt, (0, index))
-            past_bt = jnp.sum(cache["valid"], axis=1, keepdims=True)
         if positions_bt is None:
+            # Counts this row's real tokens (a cached prompt's virtual tokens excluded).
+            past_bt = 0 if cache is None else (jnp.sum(cache["valid"], axis=1, keepdims=True)
+                                               - cache.get(sites.CACHED_PROMPT, 0))
             positions_bt = jnp.maximum(past_bt + jnp.cumsum(valid_bt, axis=1) - 1, 0)
-        mask_bts = attention_mask(index + jnp.arange(t), key_valid_bs, cfg.sliding_window)
 
         embedding = self.param(
             "embed_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                       ("vocab", "embed")),
             (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
         h_btd = jnp.take(embedding, tokens_bt, axis=0).astype(self.dtype)
-        h_btd = sites.embed(self, h_btd)
+        # Prompt / prefix tuning: real positions start after the virtual tokens, and a
+        # prompt's are prepended here (to h, valid, positions and the cache's slots).
+        h_btd, valid_bt, positions_bt, cache = sites.embed(self, h_btd, valid_bt, positions_bt,
+                                                           cache)
+        n_virtual, t = h_btd.shape[1] - t, h_btd.shape[1]
+        if cache is None:
+            index = jnp.zeros((), jnp.int32)
+            key_valid_bs = valid_bt
+        else:
+            index = cache["index"]
+            key_valid_bs = jax.lax.dynamic_update_slice(cache["valid"], valid_bt, (0, index))
+        mask_bts = attention_mask(index + jnp.arange(t), key_valid_bs, cfg.sliding_window)
 
         layer_cls = DecoderLayer
         if self.remat:
             layer_cls = nn.remat(DecoderLayer, static_argnums=(6,))
-        new_cache: Cache | None = None if cache is None else {}
+        new_cache: Cache | None = None if cache is None else dict(cache)
         for i in range(cfg.num_hidden_layers):
             name = f"layers_{i}"
             h_btd, layer_cache = layer_cls(cfg, self.dtype, self.param_dtype, self.settings,
@@ -182,6 +188,7 @@ class LlamaForCausalLM(nn.Module):
                 deterministic)
             if new_cache is not None:
                 new_cache[name] = layer_cache
+        h_btd = h_btd[:, n_virtual:]  # logits for the real tokens only (PEFT's include P more)
         h_btd = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(h_btd)
 
         if cfg.tie_word_embeddings:
@@ -197,3 +204,13 @@ class LlamaForCausalLM(nn.Module):
             new_cache["valid"] = key_valid_bs
             new_cache["index"] = index + t
         return logits, new_cache
+
+
+def logical_axes(cfg: LlamaConfig) -> dict:
+    """The base tree's logical axis names, e.g. {'embed_tokens': ('vocab', 'embed'),
+    'layers_0': {'self_attn': {'q_proj': {'kernel': ('embed', 'heads')}}}, ...}."""
+    abstract = jax.eval_shape(lambda: LlamaForCausalLM(cfg).init(
+        jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    specs = nn.get_partition_spec(abstract)["params"]
+    return jax.tree_util.tree_map(lambda s: tuple(s), specs,
+                                  is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))

@@ -1,0 +1,312 @@
+"""Bottleneck adapters (LLM-Adapters' AdapterH, AdapterP and parallel adapter).
+
+The reference is LLM-Adapters' `bottleneck.Linear.forward` restated in
+PyTorch below (`RefAdapterLinear`, its three adapter types, equations
+copied from AGI-Edgerunners/LLM-Adapters peft/src/peft/tuners/bottleneck.py)
+wrapped around transformers' LLaMA modules, fed with the tensors of OUR
+export in LLM-Adapters' key names: one test checks the maths, the layouts
+and the export schema together. Tolerance 1e-4 in float32, as the model
+parity tests: both sides compute the same float32 operations, in a
+different summation order (observed ~1e-6).
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import chex  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+from transformers.activations import ACT2FN  # noqa: E402
+
+from flax_adapters.adapters import api, bottleneck  # noqa: E402
+from flax_adapters.adapters.bottleneck import BottleneckConfig  # noqa: E402
+from flax_adapters.adapters.tree import combine, num_params, split  # noqa: E402
+from flax_adapters.checkpoints import load_pretrained  # noqa: E402
+from flax_adapters.checkpoints.hf import abstract_params  # noqa: E402
+from flax_adapters.models import LlamaForCausalLM  # noqa: E402
+from flax_adapters.models.config import LLAMA_7B  # noqa: E402
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            max_position_embeddings=256)
+HEADS = {"mha": dict(num_attention_heads=4, num_key_value_heads=4),
+         "gqa": dict(num_attention_heads=4, num_key_value_heads=2)}
+
+# One config per placement, each with another non-linearity and scaling.
+KINDS = {
+    "adapterh": BottleneckConfig(bottleneck_size=16, non_linearity="tanh", scaling=1.0),
+    "adapterp": BottleneckConfig(bottleneck_size=16, non_linearity="relu", scaling=2.0,
+                                 use_adapterp=True),
+    "parallel": BottleneckConfig(bottleneck_size=16, non_linearity="gelu", scaling="learned",
+                                 use_parallel_adapter=True),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """{'mha' | 'gqa': (directory, Pretrained)} of tiny random LLaMAs."""
+    out = {}
+    for name, heads in HEADS.items():
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, **heads))
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        out[name] = (path, load_pretrained(path))
+    return out
+
+
+def padded_batch():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, TINY["vocab_size"], size=(3, 12))
+    mask = np.ones((3, 12), np.int64)
+    mask[1, :4] = 0  # left padding
+    mask[2, :9] = 0
+    return tokens, mask
+
+
+def logits(pre, tree, cfg, tokens, mask):
+    model = LlamaForCausalLM(pre.config, settings=api.settings_for(cfg))
+    out, _ = jax.jit(model.apply)({"params": tree}, jnp.asarray(tokens), jnp.asarray(mask, bool))
+    return np.asarray(out)
+
+
+class RefAdapterLinear(torch.nn.Module):
+    """LLM-Adapters' bottleneck.Linear.forward around a frozen nn.Linear."""
+
+    def __init__(self, base, adapter_type, down, up, scaling, act):
+        super().__init__()
+        self.base, self.adapter_type, self.scaling = base, adapter_type, scaling
+        self.adapter_down = torch.nn.Linear(down.shape[1], down.shape[0], bias=False)
+        self.adapter_up = torch.nn.Linear(up.shape[1], up.shape[0], bias=False)
+        self.adapter_down.weight.data = torch.tensor(down)
+        self.adapter_up.weight.data = torch.tensor(up)
+        self.act_fn = ACT2FN[act]
+
+    def adapter(self, x):
+        return self.adapter_up(self.act_fn(self.adapter_down(x))) * self.scaling
+
+    def forward(self, x):
+        if self.adapter_type == "mh_adapter":
+            return self.base(x + self.adapter(x))
+        if self.adapter_type == "output_adapter":
+            y = self.base(x)
+            return y + self.adapter(y)
+        return self.base(x) + self.adapter(x)  # parallel_adapter
+
+
+def reference_logits(path, export_dir, tokens, mask):
+    """The torch model with LLM-Adapters' adapters built from an export."""
+    config = json.loads((export_dir / "adapter_config.json").read_text())
+    tensors = load_file(export_dir / "adapter_model.safetensors")
+    model = transformers.LlamaForCausalLM.from_pretrained(path).eval()
+    types = {"gate_proj": "mh_adapter", "up_proj": "mh_adapter", "down_proj": "output_adapter"}
+    sites = {k.rsplit(".adapter_", 1)[0] for k in tensors}
+    for key in sites:
+        module = key.removeprefix("base_model.model.")
+        parent_name, name = module.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        scaling = config["scaling"]
+        if scaling == "learned":
+            scaling = torch.tensor(tensors[key + ".adapter_scaling"])
+        kind = "parallel_adapter" if config["use_parallel_adapter"] else types[name]
+        setattr(parent, name, RefAdapterLinear(
+            getattr(parent, name), kind, tensors[key + ".adapter_down.weight"],
+            tensors[key + ".adapter_up.weight"], scaling, config["non_linearity"]))
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask))
+    return out.logits.numpy()
+
+
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_logits_match_llm_adapters(tiny, tmp_path, heads, kind):
+    path, pre = tiny[heads]
+    cfg = KINDS[kind]
+    tree = bottleneck.init(pre.params, cfg, jax.random.key(1))
+    if cfg.scaling == "learned":  # a learned scale other than its initial 1
+        tree = jax.tree_util.tree_map_with_path(
+            lambda p, x: x * 0.7 if p[-1].key == "adapter_scaling" else x, tree)
+    bottleneck.export_bottleneck(tree, cfg, tmp_path / "export")
+    tokens, mask = padded_batch()
+    ref = reference_logits(path, tmp_path / "export", tokens, mask)
+    ours = logits(pre, tree, cfg, tokens, mask)
+    valid = mask.astype(bool)
+    diff = np.abs(ours[valid] - ref[valid]).max()
+    print(f"{kind}/{heads}: max |ours - LLM-Adapters reference| = {diff:.2e}")
+    assert diff <= 1e-4
+    base = logits(pre, pre.params, None, tokens, mask)
+    assert np.abs(base[valid] - ours[valid]).max() > 1e-3  # the adapter did something
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fresh_mam_adapter_is_identity(tiny, kind):
+    _, pre = tiny["gqa"]
+    cfg = BottleneckConfig(**{**KINDS[kind].__dict__, "init": "mam_adapter"})
+    tree = bottleneck.init(pre.params, cfg, jax.random.key(2))
+    tokens, mask = padded_batch()
+    valid = mask.astype(bool)
+    # up = 0 makes the adapter's output exactly 0; only XLA's fusion may differ.
+    np.testing.assert_allclose(logits(pre, tree, cfg, tokens, mask)[valid],
+                               logits(pre, pre.params, None, tokens, mask)[valid], atol=1e-6)
+
+
+def test_structure(tiny):
+    _, pre = tiny["gqa"]  # d=64, mlp 96, kv width 32
+
+    def shapes(tree, layer="layers_1"):
+        return jax.tree_util.tree_map(lambda x: tuple(x.shape), tree[layer])
+
+    h = shapes(bottleneck.init(pre.params, BottleneckConfig(bottleneck_size=8), jax.random.key(0)))
+    assert h["mlp"] == {
+        "gate_proj": {"kernel": (64, 96), "adapter_down": (64, 8), "adapter_up": (8, 64)},
+        "up_proj": {"kernel": (64, 96), "adapter_down": (64, 8), "adapter_up": (8, 64)},
+        "down_proj": {"kernel": (96, 64), "adapter_down": (64, 8), "adapter_up": (8, 64)},
+    }
+    assert h["self_attn"]["q_proj"] == {"kernel": (64, 64)}
+    p = shapes(bottleneck.init(pre.params, BottleneckConfig(bottleneck_size=8, use_adapterp=True),
+                               jax.random.key(0)))
+    assert p["mlp"]["down_proj"] == {"kernel": (96, 64), "adapter_down": (64, 8),
+                                     "adapter_up": (8, 64)}
+    assert p["mlp"]["gate_proj"] == {"kernel": (64, 96)}
+    par = shapes(bottleneck.init(pre.params, BottleneckConfig(
+        bottleneck_size=8, use_parallel_adapter=True, scaling="learned"), jax.random.key(0)))
+    assert par["self_attn"]["k_proj"] == {"kernel": (64, 32), "adapter_down": (64, 8),
+                                          "adapter_up": (8, 32), "adapter_scaling": (1,)}
+    assert par["self_attn"]["o_proj"] == {"kernel": (64, 64)}
+    assert sorted(par["self_attn"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+
+def test_bert_init_statistics(tiny):
+    _, pre = tiny["gqa"]
+    tree = bottleneck.init(pre.params, BottleneckConfig(bottleneck_size=64), jax.random.key(0))
+    leaves = tree["layers_0"]["mlp"]["gate_proj"]
+    for name in ("adapter_down", "adapter_up"):  # LLM-Adapters' "bert": N(0, 0.02)
+        assert abs(float(jnp.std(leaves[name])) - 0.02) < 0.002
+        assert leaves[name].dtype == jnp.float32
+
+
+def test_learned_scaling_is_trainable(tiny):
+    _, pre = tiny["gqa"]
+    cfg = KINDS["parallel"]
+    frozen, trainable = split(bottleneck.init(pre.params, cfg, jax.random.key(3)))
+    assert trainable["layers_0"]["self_attn"]["q_proj"]["adapter_scaling"].shape == (1,)
+    assert "adapter_scaling" not in frozen["layers_0"]["self_attn"]["q_proj"]
+    model = LlamaForCausalLM(pre.config, settings=api.settings_for(cfg))
+    tokens, _ = padded_batch()
+
+    def loss(tr):
+        out, _ = model.apply({"params": combine(frozen, tr)}, jnp.asarray(tokens))
+        return jnp.mean(out ** 2)
+
+    grads = jax.grad(loss)(trainable)
+    g = grads["layers_0"]["self_attn"]["q_proj"]["adapter_scaling"]
+    assert float(jnp.abs(g).max()) > 0
+
+
+def test_export_import_round_trip(tiny, tmp_path):
+    _, pre = tiny["gqa"]
+    for kind, cfg in KINDS.items():
+        tree = bottleneck.init(pre.params, cfg, jax.random.key(4))
+        out = tmp_path / kind
+        bottleneck.export_bottleneck(tree, cfg, out)
+        bottleneck.export_bottleneck(tree, cfg, out)  # replacing an export is atomic too
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert config["peft_type"] == "BOTTLENECK" and config["bias"] == "none"
+        assert config["bottleneck_size"] == 16 and config["init_weights"] == "bert"
+        assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json",
+                                                         "adapter_model.safetensors"]
+        keys = load_file(out / "adapter_model.safetensors")
+        if kind == "adapterp":
+            assert sorted(keys) == [
+                f"base_model.model.model.layers.{i}.mlp.down_proj.adapter_{w}.weight"
+                for i in range(2) for w in ("down", "up")]
+            assert keys["base_model.model.model.layers.0.mlp.down_proj.adapter_down.weight"
+                        ].shape == (16, 64)  # torch layout (out, in)
+        back, cfg2 = bottleneck.import_bottleneck(out, pre.params)
+        chex.assert_trees_all_equal(back, tree)
+        assert dataclass_fields(cfg2, "target_modules") == dataclass_fields(cfg, "target_modules")
+
+
+def dataclass_fields(cfg, *skip):
+    return {k: v for k, v in cfg.__dict__.items() if k not in skip}
+
+
+def test_import_refuses_mismatch(tiny, tmp_path):
+    _, pre_gqa = tiny["gqa"]
+    cfg = KINDS["parallel"]
+    bottleneck.export_bottleneck(bottleneck.init(pre_gqa.params, cfg, jax.random.key(0)), cfg,
+                                 tmp_path / "a")
+    _, pre_mha = tiny["mha"]  # k_proj is 64 wide there, 32 in the export
+    with pytest.raises(ValueError, match="has shape"):
+        bottleneck.import_bottleneck(tmp_path / "a", pre_mha.params)
+
+
+def test_errors(tiny):
+    _, pre = tiny["gqa"]
+    with pytest.raises(ValueError, match="series bottleneck adapter cannot go on"):
+        bottleneck.init(pre.params, BottleneckConfig(target_modules=["q_proj"]), jax.random.key(0))
+    with pytest.raises(ValueError, match="non_linearity"):
+        BottleneckConfig(non_linearity="softmax")
+    with pytest.raises(ValueError, match="exclusive"):
+        BottleneckConfig(use_adapterp=True, use_parallel_adapter=True)
+    tree = bottleneck.init(pre.params, BottleneckConfig(bottleneck_size=4), jax.random.key(0))
+    with pytest.raises(ValueError, match="settings_for"):  # leaves but no placement: refuse
+        LlamaForCausalLM(pre.config).apply({"params": tree}, jnp.zeros((1, 3), jnp.int32))
+
+
+def test_can_overfit_and_base_is_untouched(tiny):
+    _, pre = tiny["gqa"]
+    # The random tiny model's lm_head (N(0, 0.02), d=64) cannot produce logits
+    # larger than ~1.3 whatever its input: scaled up, it can express a fit.
+    base = {**pre.params, "lm_head": pre.params["lm_head"] * 25}
+    cfg = BottleneckConfig(bottleneck_size=16, adapter_dropout=0.1)
+    frozen, trainable = split(bottleneck.init(base, cfg, jax.random.key(5)))
+    frozen_before = jax.tree_util.tree_map(np.array, frozen)
+    model = LlamaForCausalLM(pre.config, settings=api.settings_for(cfg))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 128, size=(2, 16)))
+    opt = optax.adam(1e-2)
+
+    @jax.jit
+    def step(tr, opt_state, key):
+        def loss_fn(tr):
+            out, _ = model.apply({"params": combine(frozen, tr)}, tokens, deterministic=False,
+                                 rngs={"dropout": key})
+            logp = jax.nn.log_softmax(out[:, :-1])
+            return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+        loss, grads = jax.value_and_grad(loss_fn)(tr)
+        updates, opt_state = opt.update(grads, opt_state)
+        return optax.apply_updates(tr, updates), opt_state, loss
+
+    opt_state, losses = opt.init(trainable), []
+    for i in range(50):
+        trainable, opt_state, loss = step(trainable, opt_state, jax.random.key(i))
+        losses.append(float(loss))
+    print(f"bottleneck overfit: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < 0.05 * losses[0] and losses[-1] < 0.5  # uniform guessing: 4.85
+    chex.assert_trees_all_equal(frozen, frozen_before)  # the base, bit for bit
+    changed = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        lambda a, b: bool(jnp.any(a != b)), trainable,
+        split(bottleneck.init(base, cfg, jax.random.key(5))).trainable))
+    assert all(changed)  # every adapter leaf trained
+
+
+def test_llama7b_trainable_counts():
+    """LLM-Adapters' parameter counts on LLaMA-7B, from shapes only."""
+    base = abstract_params(LLAMA_7B)
+    counts = {}
+    for name, cfg in {"AdapterH": BottleneckConfig(),
+                      "AdapterP": BottleneckConfig(use_adapterp=True),
+                      "Parallel": BottleneckConfig(use_parallel_adapter=True)}.items():
+        tree = jax.eval_shape(lambda b, cfg=cfg: bottleneck.init(b, cfg, jax.random.key(0)), base)
+        counts[name] = num_params(split(tree).trainable)
+        print(f"LLaMA-7B {name} (bottleneck 256): {counts[name]:,} trainable parameters")
+    # 3 adapters x (4096*256 + 256*4096) x 32 layers; AdapterP: 1 adapter per layer.
+    assert counts["AdapterH"] == 201_326_592
+    assert counts["AdapterP"] == 67_108_864
+    assert counts["Parallel"] == 201_326_592  # q, k, v are all 4096 -> 4096 on LLaMA-7B

@@ -1,0 +1,509 @@
+"""LoRA, rsLoRA, DoRA and (IA)^3: parity with peft 0.21 in both directions
+(through the PEFT file format), the tree-level guarantees (fresh adapters are
+the identity, merge/unmerge, split/combine, tree layout), that training
+never forms the (in, out) LoRA delta, full-size trainable counts, targeting,
+sharding axes and named adapters.
+
+Tiny random LLaMA models (MHA, and GQA with random q/k/v/o and MLP biases so
+the bias paths of DoRA and IA3 are exercised) are built with transformers.
+Tolerances: float32 throughout; both frameworks compute the same operations
+and differ by summation order only (~1e-6 on logits), so 1e-4 has ample
+headroom while any real mistake (a missing scale, a transposed vector, a
+wrong norm) shows up at 1e-2 or more.
+"""
+
+import copy
+import json
+import re
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from flax_adapters.adapters import api, axes, dora, ia3, lora, peft_io, targeting  # noqa: E402
+from flax_adapters.adapters.tree import combine, num_params, split  # noqa: E402
+from flax_adapters.adapters.tree import get as tree_get  # noqa: E402
+from flax_adapters.checkpoints import load_pretrained  # noqa: E402
+from flax_adapters.checkpoints.hf import abstract_params  # noqa: E402
+from flax_adapters.models import LlamaForCausalLM  # noqa: E402
+from flax_adapters.models.config import LLAMA_7B  # noqa: E402
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            max_position_embeddings=256)
+VARIANTS = {
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4),
+    "gqa": dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                mlp_bias=True),
+}
+# Our configs; rsLoRA uses a regex over tree paths (exported as a PEFT regex).
+CONFIGS = {
+    "lora": lora.LoraConfig(r=4, alpha=8, dropout=0.1),
+    "rslora": lora.LoraConfig(r=4, alpha=8, use_rslora=True,
+                              target_modules=r"layers_1/(self_attn|mlp)/.*_proj"),
+    "dora": lora.LoraConfig(r=4, alpha=8, dropout=0.1, use_dora=True,
+                            target_modules="all-linear"),
+    "ia3": ia3.IA3Config(),
+}
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """name -> (torch model, our Pretrained), built once per module."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            torch.manual_seed(0)
+            hf = transformers.LlamaConfig(**TINY, **VARIANTS[name])
+            model = transformers.AutoModelForCausalLM.from_config(hf).eval()
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n.endswith("bias") or "norm" in n:
+                        p.add_(0.1 * torch.randn_like(p))
+            path = tmp_path_factory.mktemp(name)
+            model.save_pretrained(path)
+            built[name] = (model, load_pretrained(path))
+        return built[name]
+    return get
+
+
+def batch():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, TINY["vocab_size"], size=(3, 12))
+    mask = np.ones((3, 12), np.int64)
+    mask[1, :4] = 0  # left padding
+    mask[2, :9] = 0
+    return tokens, mask
+
+
+def ours(pre, tree, settings):
+    tokens, mask = batch()
+    logits, _ = LlamaForCausalLM(pre.config, settings=settings).apply(
+        {"params": tree}, jnp.asarray(tokens), jnp.asarray(mask, bool))
+    return np.asarray(logits)[mask.astype(bool)]
+
+
+def theirs(model):
+    tokens, mask = batch()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits
+    return logits.numpy()[mask.astype(bool)]
+
+
+def perturb(tree, seed=1):
+    """Random, non-trivial adapter leaves: A and B get noise (B is 0 when
+    fresh), magnitudes and IA3 vectors a random factor near 1."""
+    frozen, trainable = split(tree)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(trainable)
+    key = jax.random.key(seed)
+    out = []
+    for i, (path, x) in enumerate(flat):
+        noise = jax.random.normal(jax.random.fold_in(key, i), x.shape)
+        multiplicative = path[-1].key in ("lora_magnitude", "ia3")
+        out.append(x * (1 + 0.3 * noise) if multiplicative else x + 0.2 * noise)
+    return combine(frozen, jax.tree_util.tree_unflatten(treedef, out))
+
+
+def adapted(pre, method, seed=1):
+    cfg = CONFIGS[method]
+    return perturb(api.inject(pre.params, cfg, jax.random.key(0)), seed), cfg
+
+
+# --- parity with PEFT, both directions -----------------------------------
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_export_loads_in_peft_with_same_logits(tiny, tmp_path, method, variant):
+    model, pre = tiny(variant)
+    tree, cfg = adapted(pre, method)
+    out = peft_io.export_peft(split(tree).trainable, cfg, tmp_path / "adapter",
+                              base_model_name_or_path="tiny")
+    reference = theirs(peft.PeftModel.from_pretrained(copy.deepcopy(model), str(out)).eval())
+    mine = ours(pre, tree, api.settings_for(cfg))
+    diff = np.abs(mine - reference).max()
+    moved = np.abs(mine - ours(pre, pre.params, api.settings_for(None))).max()
+    print(f"{method}/{variant}: max |ours - peft| = {diff:.2e} (adapter moves logits {moved:.2f})")
+    assert moved > 1e-2, "the adapter should change the outputs, or the test proves nothing"
+    assert diff <= TOL
+
+
+PEFT_CONFIGS = {  # created and initialised by PEFT, with non-zero B
+    "lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                    init_lora_weights=False, task_type="CAUSAL_LM"),
+    "rslora": lambda: peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True,
+                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      layers_to_transform=[1], init_lora_weights=False,
+                                      task_type="CAUSAL_LM"),
+    "dora": lambda: peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear",
+                                    init_lora_weights=False, task_type="CAUSAL_LM"),
+    "ia3": lambda: peft.IA3Config(init_ia3_weights=False, task_type="CAUSAL_LM"),
+}
+IMPORTED_TARGETS = {
+    "lora": ("q_proj", "v_proj"),
+    "rslora": "(layers_1/self_attn/k_proj|layers_1/self_attn/o_proj|layers_1/self_attn/q_proj|"
+              "layers_1/self_attn/v_proj)",
+    "dora": "all-linear",
+    "ia3": ("down_proj", "k_proj", "v_proj"),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("method", list(PEFT_CONFIGS))
+def test_peft_saved_adapter_imports_with_same_logits(tiny, tmp_path, method, variant):
+    model, pre = tiny(variant)
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(copy.deepcopy(model), PEFT_CONFIGS[method]()).eval()
+    with torch.no_grad():  # DoRA's magnitude starts at the norms: move it
+        for n, p in pm.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.3 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path / "adapter")
+    tree, cfg = peft_io.import_peft(tmp_path / "adapter", pre.params)
+    assert (cfg.target_modules, getattr(cfg, "use_dora", False)) == (
+        IMPORTED_TARGETS[method], method == "dora")
+    if method != "ia3":
+        assert all(np.abs(x).max() > 0 for x in jax.tree.leaves(split(tree).trainable))
+    diff = np.abs(ours(pre, tree, api.settings_for(cfg)) - theirs(pm)).max()
+    print(f"{method}/{variant}: max |ours - peft| = {diff:.2e}")
+    assert diff <= TOL
+
+
+def test_dora_gradients_match_peft(tiny, tmp_path):
+    """Gradients of A, B and m agree with PEFT's: the norm is detached alike."""
+    model, pre = tiny("gqa")
+    cfg = lora.LoraConfig(r=4, alpha=8, use_dora=True, target_modules=("q_proj", "down_proj"))
+    tree = perturb(api.inject(pre.params, cfg, jax.random.key(0)))
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(peft_io.export_peft(
+        tree, cfg, tmp_path / "a")), is_trainable=True)
+    pm.train()  # dropout is 0: PEFT takes its "reuse the base output" branch, as we do
+    tokens, mask = batch()
+    valid = torch.tensor(mask).bool()
+    logits = pm(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits
+    (logits[valid] ** 2).mean().backward()
+    frozen, trainable = split(tree)
+    model_j = LlamaForCausalLM(pre.config, settings=api.settings_for(cfg))
+
+    def loss(tr):
+        out, _ = model_j.apply({"params": combine(frozen, tr)}, jnp.asarray(tokens),
+                               jnp.asarray(mask, bool))
+        return jnp.mean(out[mask.astype(bool)] ** 2)
+    grads = jax.jit(jax.grad(loss))(trainable)
+    torch_grads = {n: p.grad.numpy() for n, p in pm.named_parameters() if p.requires_grad}
+    for site in ("layers_0/self_attn/q_proj", "layers_1/mlp/down_proj"):
+        g = grads
+        for k in site.split("/"):
+            g = g[k]
+        prefix = "base_model.model." + peft_io.module_name(site)
+        pairs = [(g["lora_a"], torch_grads[prefix + ".lora_A.default.weight"].T),
+                 (g["lora_b"], torch_grads[prefix + ".lora_B.default.weight"].T),
+                 (g["lora_magnitude"],
+                  torch_grads[prefix + ".lora_magnitude_vector.default.weight"])]
+        for mine, ref in pairs:
+            np.testing.assert_allclose(np.asarray(mine), ref, rtol=1e-3,
+                                       atol=1e-5 * np.abs(ref).max())
+
+
+# --- tree-level guarantees -----------------------------------------------
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_fresh_adapter_leaves_outputs_unchanged(tiny, method):
+    _, pre = tiny("gqa")
+    cfg = CONFIGS[method]
+    tree = api.inject(pre.params, cfg, jax.random.key(0))
+    # B = 0, m = ||W|| (so m / n is exactly 1), l = 1: exact up to the
+    # additions of zeros, hence a tolerance at float32 resolution.
+    np.testing.assert_allclose(ours(pre, tree, api.settings_for(cfg)),
+                               ours(pre, pre.params, api.settings_for(None)), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_merged_equals_unmerged_and_unmerge_inverts_merge(tiny, method):
+    _, pre = tiny("gqa")
+    tree, cfg = adapted(pre, method)
+    merged = api.merge(tree, cfg)
+    assert split(merged).trainable == {}, "merge must return a plain base tree"
+    assert jax.tree.structure(merged) == jax.tree.structure(pre.params)
+    # Merging changes only the summation order: ~1e-6 on logits.
+    np.testing.assert_allclose(ours(pre, merged, api.settings_for(None)),
+                               ours(pre, tree, api.settings_for(cfg)), atol=1e-5)
+    norms = dora.weight_norms(tree, cfg) if method == "dora" else None
+    back = api.unmerge(merged, split(tree).trainable, cfg, dora_norms=norms)
+    chex.assert_trees_all_equal_structs(back, tree)
+    chex.assert_trees_all_close(back, tree, atol=1e-6)  # float32 rounding of W + d - d
+    chex.assert_trees_all_equal(split(back).trainable, split(tree).trainable)
+
+
+def test_dora_unmerge_without_norms_says_what_to_pass(tiny):
+    _, pre = tiny("gqa")
+    tree, cfg = adapted(pre, "dora")
+    with pytest.raises(ValueError, match="dora.weight_norms"):
+        api.unmerge(api.merge(tree, cfg), tree, cfg)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_split_combine_round_trip_is_exact(tiny, method):
+    _, pre = tiny("gqa")
+    tree, _ = adapted(pre, method)
+    frozen, trainable = split(tree)
+    chex.assert_trees_all_equal(frozen, pre.params)
+    again = combine(frozen, trainable)
+    assert jax.tree.structure(again) == jax.tree.structure(tree)
+    chex.assert_trees_all_equal(again, tree)
+
+
+def _adapter_shapes(tree):
+    trainable = split(tree).trainable
+    return {"/".join(k.key for k in path): tuple(x.shape)
+            for path, x in jax.tree_util.tree_flatten_with_path(trainable)[0]}
+
+
+def test_tree_structure_matches_literal_spec(tiny):
+    _, pre = tiny("gqa")  # d=64, 4 heads of 16, 2 kv heads (32), MLP 96, 2 layers
+    base = pre.params
+    got = _adapter_shapes(api.inject(base, lora.LoraConfig(r=4), jax.random.key(0)))
+    assert got == {
+        "layers_0/self_attn/q_proj/lora_a": (64, 4), "layers_0/self_attn/q_proj/lora_b": (4, 64),
+        "layers_0/self_attn/v_proj/lora_a": (64, 4), "layers_0/self_attn/v_proj/lora_b": (4, 32),
+        "layers_1/self_attn/q_proj/lora_a": (64, 4), "layers_1/self_attn/q_proj/lora_b": (4, 64),
+        "layers_1/self_attn/v_proj/lora_a": (64, 4), "layers_1/self_attn/v_proj/lora_b": (4, 32),
+    }
+    got = _adapter_shapes(api.inject(base, lora.LoraConfig(r=2, use_dora=True,
+                                                           target_modules=["o_proj"]),
+                                     jax.random.key(0)))
+    assert got == {
+        "layers_0/self_attn/o_proj/lora_a": (64, 2), "layers_0/self_attn/o_proj/lora_b": (2, 64),
+        "layers_0/self_attn/o_proj/lora_magnitude": (64,),
+        "layers_1/self_attn/o_proj/lora_a": (64, 2), "layers_1/self_attn/o_proj/lora_b": (2, 64),
+        "layers_1/self_attn/o_proj/lora_magnitude": (64,),
+    }
+    got = _adapter_shapes(api.inject(base, ia3.IA3Config(), jax.random.key(0)))
+    assert got == {
+        "layers_0/self_attn/k_proj/ia3": (1, 32), "layers_0/self_attn/v_proj/ia3": (1, 32),
+        "layers_0/mlp/down_proj/ia3": (96, 1),
+        "layers_1/self_attn/k_proj/ia3": (1, 32), "layers_1/self_attn/v_proj/ia3": (1, 32),
+        "layers_1/mlp/down_proj/ia3": (96, 1),
+    }
+
+
+def test_dora_column_norm_is_exact_algebra():
+    keys = jax.random.split(jax.random.key(0), 3)
+    w = jax.random.normal(keys[0], (7, 5))
+    a = jax.random.normal(keys[1], (7, 3))
+    b = jax.random.normal(keys[2], (3, 5))
+    np.testing.assert_allclose(dora.column_norm(w, a, b, 0.7),
+                               jnp.linalg.norm(w + 0.7 * a @ b, axis=0), rtol=1e-5)
+
+
+def test_can_overfit_with_only_adapter_leaves_trainable(tiny):
+    """A fixed token -> token mapping, learned by LoRA alone; the base is
+    untouched bit for bit."""
+    _, pre = tiny("gqa")
+    # With the tiny model's 0.02-scale head, normalised states can only reach
+    # logits of about +-1.3: too flat to fit anything. A larger (frozen) head
+    # lifts that ceiling; everything the test trains is still adapter leaves.
+    base = {**pre.params, "lm_head": 20 * pre.params["lm_head"]}
+    base_copy = jax.tree.map(np.array, base)
+    cfg = lora.LoraConfig(r=8, alpha=16, target_modules="all-linear")
+    frozen, trainable = split(api.inject(base, cfg, jax.random.key(0)))
+    model = LlamaForCausalLM(pre.config, settings=api.settings_for(cfg))
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 128, (4, 16)))
+    targets = jnp.asarray(rng.permutation(128))[tokens]  # position t must say perm[token_t]
+    opt = optax.adam(1e-2)
+
+    @jax.jit
+    def step(trainable, opt_state, frozen):
+        def loss_fn(tr):
+            logits, _ = model.apply({"params": combine(frozen, tr)}, tokens)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        loss, grads = jax.value_and_grad(loss_fn)(trainable)
+        updates, opt_state = opt.update(grads, opt_state)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    opt_state, losses = opt.init(trainable), []
+    for _ in range(100):
+        trainable, opt_state, loss = step(trainable, opt_state, frozen)
+        losses.append(float(loss))
+    print(f"overfit: loss {losses[0]:.3f} -> {losses[-1]:.4f}")
+    assert losses[-1] < 0.05 * losses[0]
+    chex.assert_trees_all_equal(frozen, base_copy)
+    chex.assert_trees_all_equal(base, base_copy)
+
+
+# --- the compiled training step never forms the (in, out) delta ---------
+
+def delta_dots(hlo: str, kernel_shapes) -> list[str]:
+    """HLO `dot` instructions (fused or not) whose result has a kernel's
+    (in, out) shape or its transpose: a formed delta A @ B, or a kernel
+    gradient. The kernel itself is a parameter, never a dot result."""
+    shapes = {tuple(s) for s in kernel_shapes} | {tuple(s[::-1]) for s in kernel_shapes}
+    found = []
+    for m in re.finditer(r"= f32\[(\d+),(\d+)\]\{[^}]*\} dot\(", hlo):
+        if (int(m.group(1)), int(m.group(2))) in shapes:
+            found.append(hlo[m.start():hlo.find("\n", m.start())][:120])
+    return found
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_training_step_never_forms_the_delta(tiny, method):
+    _, pre = tiny("gqa")
+    sites = ("q_proj", "v_proj", "down_proj")  # kernels (64, 64), (64, 32), (96, 64)
+    cfg = lora.LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=sites,
+                          use_dora=method == "dora")
+    frozen, trainable = split(api.inject(pre.params, cfg, jax.random.key(0)))
+    # b * t = 14 is no kernel dimension, so activations cannot be mistaken.
+    tokens = jnp.zeros((2, 7), jnp.int32)
+    kernel_shapes = [tree_get(pre.params, s)["kernel"].shape
+                     for s in targeting.resolve(pre.params, sites)]
+
+    def adapter_step(tr, fr):
+        logits, _ = LlamaForCausalLM(pre.config, settings=api.settings_for(cfg)).apply(
+            {"params": combine(fr, tr)}, tokens, deterministic=False,
+            rngs={"dropout": jax.random.key(1)})
+        return jnp.mean(logits ** 2)
+
+    def merged_step(tr, fr):  # the implementation we must not have
+        logits, _ = LlamaForCausalLM(pre.config).apply(
+            {"params": api.merge(combine(fr, tr), cfg)}, tokens)
+        return jnp.mean(logits ** 2)
+
+    def hlo(fn):
+        return jax.jit(jax.grad(fn)).lower(trainable, frozen).compile().as_text()
+    if method == "lora":  # once is enough to show the check can fail
+        assert delta_dots(hlo(merged_step), kernel_shapes), "the detector must see a merge"
+    assert delta_dots(hlo(adapter_step), kernel_shapes) == []
+
+
+# --- full size, through eval_shape ---------------------------------------
+
+def test_trainable_counts_on_llama_7b_shapes():
+    abstract = abstract_params(LLAMA_7B)
+
+    def count(cfg):
+        shapes = jax.eval_shape(lambda b: api.inject(b, cfg, jax.random.key(0)), abstract)
+        return num_params(split(shapes).trainable)
+    counts = {
+        "lora r=8 q,v": count(lora.LoraConfig(r=8)),
+        "lora r=32 q,k,v,up,down": count(lora.LoraConfig(
+            r=32, target_modules=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"))),
+        "dora r=8 q,v": count(lora.LoraConfig(r=8, use_dora=True)),
+        "ia3 k,v,down": count(ia3.IA3Config()),
+    }
+    for name, n in counts.items():
+        print(f"LLaMA-7B {name}: {n:,} trainable")
+    assert counts["lora r=8 q,v"] == 4_194_304  # PEFT's print_trainable_parameters
+    assert counts["lora r=32 q,k,v,up,down"] == 32 * ((4096 + 4096) * 3 + (4096 + 11008) * 2) * 32
+    assert counts["lora r=32 q,k,v,up,down"] == 56_098_816
+    assert counts["dora r=8 q,v"] == 4_194_304 + 32 * 2 * 4096  # + a magnitude per column
+    assert counts["ia3 k,v,down"] == 32 * (4096 + 4096 + 11008)  # 614,400 as PEFT reports
+
+
+# --- targeting -----------------------------------------------------------
+
+def test_targeting_specs(tiny):
+    _, pre = tiny("gqa")
+    base = pre.params
+    assert targeting.resolve(base, ["q_proj", "v_proj"]) == [
+        "layers_0/self_attn/q_proj", "layers_0/self_attn/v_proj",
+        "layers_1/self_attn/q_proj", "layers_1/self_attn/v_proj"]
+    assert targeting.resolve(base, r"layers_1/mlp/(up|down)_proj") == [
+        "layers_1/mlp/down_proj", "layers_1/mlp/up_proj"]  # tree (sorted) order
+    assert len(targeting.resolve(base, "all-linear")) == 2 * 7
+    assert targeting.resolve(base, targeting.preset("llama", "ia3")) == [
+        f"layers_{i}/{m}" for i in (0, 1)
+        for m in ("mlp/down_proj", "self_attn/k_proj", "self_attn/v_proj")]
+    with pytest.raises(ValueError, match=r"match no site.*'q_proj'"):
+        targeting.resolve(base, ["query"])
+    with pytest.raises(ValueError, match=r"match no site.*'up_proj'"):
+        targeting.resolve(base, r"layers_9/.*")
+    with pytest.raises(ValueError, match="match no site"):
+        api.inject(base, lora.LoraConfig(target_modules=["attn.c_attn"]), jax.random.key(0))
+
+
+# --- sharding axes -------------------------------------------------------
+
+def test_adapter_axes_follow_the_kernel(tiny):
+    _, pre = tiny("gqa")
+    abstract = jax.eval_shape(lambda: LlamaForCausalLM(pre.config).init(
+        jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    base_axes = nn.get_partition_spec(abstract)
+    tree = api.inject(api.inject(pre.params, CONFIGS["dora"], jax.random.key(0)),
+                      ia3.IA3Config(target_modules=["k_proj", "down_proj"],
+                                    feedforward_modules=["down_proj"]), jax.random.key(0))
+    got = axes.adapter_axes(tree, base_axes)
+    q, k, down = (got["layers_0"]["self_attn"]["q_proj"], got["layers_0"]["self_attn"]["k_proj"],
+                  got["layers_0"]["mlp"]["down_proj"])
+    assert q == {"kernel": ("embed", "heads"), "bias": ("heads",), "lora_a": ("embed", None),
+                 "lora_b": (None, "heads"), "lora_magnitude": ("heads",)}
+    assert k["ia3"] == (None, "kv_heads") and down["ia3"] == ("mlp", None)
+    assert got["embed_tokens"] == ("vocab", "embed")
+    # The trainable part alone gets the same axes; every leaf has one per dim.
+    trainable = split(tree).trainable
+    assert axes.adapter_axes(trainable, base_axes) == split(got, lambda p: p[-1] not in (
+        "kernel", "bias", "scale", "embed_tokens", "lm_head")).trainable
+    for path, x in jax.tree_util.tree_flatten_with_path(trainable)[0]:
+        node = got
+        for k_ in path:
+            node = node[k_.key]
+        assert len(node) == x.ndim
+
+
+# --- named adapters ------------------------------------------------------
+
+def test_named_adapters_share_one_base(tiny):
+    _, pre = tiny("gqa")
+    adapters = {}
+    for name in ("lora", "ia3"):
+        tree, cfg = adapted(pre, name)
+        adapters[name] = (cfg, split(tree).trainable)
+    for name, (cfg, trainable) in adapters.items():
+        tree, settings = api.activate(pre.params, adapters, name)
+        assert settings == api.settings_for(cfg)
+        np.testing.assert_array_equal(ours(pre, tree, settings),
+                                      ours(pre, combine(pre.params, trainable), settings))
+    a, b = (ours(pre, *api.activate(pre.params, adapters, n)) for n in ("lora", "ia3"))
+    assert np.abs(a - b).max() > 1e-2
+    with pytest.raises(KeyError, match="'ia3', 'lora'"):
+        api.activate(pre.params, adapters, "nope")
+
+
+# --- the PEFT files ------------------------------------------------------
+
+def test_export_replaces_an_existing_export_whole(tiny, tmp_path):
+    _, pre = tiny("gqa")
+    tree, cfg = adapted(pre, "lora")
+    out = tmp_path / "adapter"
+    peft_io.export_peft(tree, cfg, out)
+    (out / "stale.txt").write_text("from an older export")
+    tree2, cfg2 = adapted(pre, "ia3")
+    peft_io.export_peft(tree2, cfg2, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp dirs left
+    assert sorted(p.name for p in out.iterdir()) == [peft_io.CONFIG_NAME, peft_io.WEIGHTS_NAME]
+    config = json.loads((out / peft_io.CONFIG_NAME).read_text())
+    assert config["peft_type"] == "IA3" and config["feedforward_modules"] == ["down_proj"]
+
+
+def test_import_refuses_pickles_and_unknown_types(tiny, tmp_path):
+    _, pre = tiny("gqa")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (tmp_path / "a" / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(ValueError, match="pickled adapter.*refused"):
+        peft_io.import_peft(tmp_path / "a", pre.params)
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"peft_type": "VERA"}))
+    with pytest.raises(ValueError, match="'VERA' is not supported; supported: LORA, IA3"):
+        peft_io.import_peft(tmp_path / "a", pre.params)
+    tree, cfg = adapted(pre, "lora")
+    peft_io.export_peft(tree, cfg, tmp_path / "b")
+    mha_base = tiny("mha")[1].params  # v_proj is (64, 64) there, (64, 32) here
+    with pytest.raises(ValueError, match="v_proj/lora_b: shape .* does not fit"):
+        peft_io.import_peft(tmp_path / "b", mha_base)
