@@ -1,0 +1,95 @@
+"""Device mesh, logical axis names and the rules that map them to mesh axes.
+
+One mesh with named axes (data, fsdp, tensor). Model code names the axes of
+each parameter logically ('embed', 'heads', 'mlp', 'vocab', ...); the rules
+below map a logical name to mesh axes, maxtext-style. A dimension that the
+mesh axes do not divide evenly is replicated rather than padded, so any
+mesh runs any model (e.g. SmolLM2's 3 kv heads on tensor=2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. Batch spans data and fsdp (fsdp is data
+# parallelism whose parameters are sharded too); parameters shard their
+# model dimension over fsdp and their head / MLP / vocab dimension over tensor.
+RULES: dict[str, tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "norm": None,
+    "rank": None,  # adapter ranks and bottlenecks are small: replicated
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape; -1 takes the remaining devices (at most one axis)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = [cfg.data, cfg.fsdp, cfg.tensor]
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh {cfg}: at most one axis may be -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"mesh {cfg}: {len(devices)} devices are not divisible by {known}")
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} needs "
+                         f"{int(np.prod(shape))} devices, but {len(devices)} are available")
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+    """PartitionSpec of one array from its logical axes, replicating any
+    dimension the mapped mesh axes do not divide."""
+    out, used = [], set()
+    for name, dim in zip(axes, shape):
+        mesh_axes = RULES.get(name) if name else None
+        if mesh_axes:
+            mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+            size = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
+            if mesh_axes and dim % size == 0:
+                used.update(mesh_axes)
+                out.append(mesh_axes if len(mesh_axes) > 1 else mesh_axes[0])
+                continue
+        out.append(None)
+    return P(*out)
+
+
+def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a tree, given a same-structure tree of logical axes
+    (tuples; leaves of `axes_tree`) and of arrays or ShapeDtypeStructs."""
+    flat_shapes, treedef = jax.tree_util.tree_flatten(shapes_tree)
+    flat_axes = treedef.flatten_up_to(axes_tree)
+    return treedef.unflatten([NamedSharding(mesh, spec_for(tuple(a or ()), x.shape, mesh))
+                              for a, x in zip(flat_axes, flat_shapes)])
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

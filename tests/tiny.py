@@ -1,0 +1,42 @@
+"""A tiny but real model directory for end-to-end tests: a random LLaMA saved
+by transformers (safetensors) and a word-level tokenizer fitted to the
+embedded arithmetic data, saved beside it. No hub, no download."""
+
+from __future__ import annotations
+
+import pathlib
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from train import arith, data
+
+
+def make_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    train, test = arith.make_split(400, 64, seed=0)
+    corpus = [data.generate_prompt(r, "alpaca") for r in train + test]
+    specials = ["<unk>", "<pad>", "</s>"]
+    words = sorted({w for text in corpus for w, _ in
+                    pre_tokenizers.Whitespace().pre_tokenize_str(text)})
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>",
+                                   pad_token="<pad>", eos_token="</s>")
+
+
+def make_model_dir(path: pathlib.Path, seed: int = 0, **overrides) -> pathlib.Path:
+    import torch
+    import transformers
+
+    tok = make_tokenizer()
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+        **overrides)
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

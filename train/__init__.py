@@ -1,0 +1,1 @@
+"""`python -m train`: config, data, step, loop, report."""

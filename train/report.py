@@ -1,0 +1,77 @@
+"""What a run leaves for a person: the exported adapter, a loss-curve PNG,
+summary.json, and report.md with a before/after table."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+
+
+def export_adapter(tree: dict, adapter_cfg: Any, out_dir: pathlib.Path, base: str,
+                   model_type: str) -> pathlib.Path:
+    """PEFT format (LoRA, DoRA, IA3, prompt, prefix) or LLM-Adapters' BOTTLENECK
+    schema; written beside and renamed into place by the exporters."""
+    from flax_adapters.adapters import bottleneck, peft_io
+
+    if isinstance(adapter_cfg, bottleneck.BottleneckConfig):
+        return bottleneck.export_bottleneck(tree, adapter_cfg, out_dir, base)
+    return peft_io.export_peft(tree, adapter_cfg, out_dir, base, model_type)
+
+
+def plot_losses(metrics_path: pathlib.Path, png: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss", lw=1)
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-",
+                label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(png)
+
+
+def write_report(out: pathlib.Path, cfg: Any, setup: Any, final_tree: dict,
+                 before: dict | None, after: dict | None, last: dict) -> dict:
+    summary: dict = {"output_dir": str(out), "steps": cfg.steps, "final": last,
+                     "adapter": cfg.adapter.method, "data": cfg.data.path}
+    if jax.process_index() != 0:
+        return summary
+    base = cfg.model.path
+    adapter_dir = export_adapter(final_tree, setup.adapter_cfg, out / "adapter", base,
+                                 setup.model_type)
+    summary["adapter_dir"] = str(adapter_dir)
+    plot_losses(out / "metrics.jsonl", out / "loss.png")
+    lines = ["| | held-out accuracy | n |", "|---|---|---|"]
+    for name, res in (("before", before), ("after", after)):
+        if res is not None:
+            summary[f"accuracy_{name}"] = res["accuracy"]
+            lines.append(f"| {name} fine-tuning | {100 * res['accuracy']:.1f}% | {res['n']} |")
+            with open(out / f"heldout_{name}.jsonl", "w") as f:
+                for ex in res["examples"]:
+                    f.write(json.dumps(ex) + "\n")
+    table = "\n".join(lines)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "report.md").write_text(
+        f"# Run {out}\n\nAdapter: {cfg.adapter.method}; data: {cfg.data.path}; steps: "
+        f"{cfg.steps}; final loss {last.get('loss', float('nan')):.4f}"
+        f"{'; validation loss %.4f' % last['val_loss'] if 'val_loss' in last else ''}\n\n"
+        f"{table}\n\n![loss](loss.png)\n\nExported adapter: `{adapter_dir}`\n")
+    print("\n" + table + "\n")
+    return summary

@@ -1,0 +1,105 @@
+"""The train step: one module-level pure function, jitted once by the loop.
+
+It differentiates the trainable (adapter) tree only, so gradients and
+optimizer state are adapter-sized by construction; the frozen base is an
+argument (never captured: a closure would bake it into the executable as a
+constant). Gradient accumulation is a `lax.scan` over micro-batches, and
+the loss is the mean over all counted tokens of the global batch, so the
+result does not depend on how the batch is cut into micro-batches.
+Randomness per step is `fold_in(key, step)`. It returns metrics and never logs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flax_adapters.adapters.api import materialize
+from flax_adapters.adapters.tree import combine
+
+Batch = dict[str, jax.Array]  # tokens int32, valid bool, loss_mask bool: (accum, micro, t)
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar
+    trainable: dict
+    opt_state: Any
+
+
+def make_optimizer(lr: float, steps: int, warmup_steps: int, schedule: str, weight_decay: float,
+                   b1: float, b2: float, max_grad_norm: float) -> optax.GradientTransformation:
+    """AdamW with warmup then linear/cosine/constant decay and norm clipping.
+    Non-finite gradients skip the update (counted in the state) instead of
+    poisoning the adapter."""
+    warmup = min(warmup_steps, max(steps - 1, 0))
+    if schedule == "cosine":
+        sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, 2))
+    else:
+        end = 0.0 if schedule == "linear" else lr
+        sched = optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, max(warmup, 1)),
+             optax.linear_schedule(lr, end, max(steps - warmup, 1))], [warmup])
+    chain = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else []
+    chain.append(optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay))
+    return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=1_000_000)
+
+
+def token_loss(model, params: dict, tokens_bt, valid_bt, loss_mask_bt, key, deterministic):
+    """(sum of next-token cross-entropies over counted positions, their count).
+
+    Position i predicts tokens[i + 1]; it counts where loss_mask[i]."""
+    # materialize: methods with a reparameterisation (prefix projection) compute
+    # their leaves from the trainable encoder here, inside the differentiated code.
+    logits_btv, _ = model.apply({"params": materialize(params)}, tokens_bt, valid_bt,
+                                deterministic=deterministic, rngs={"dropout": key})
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        logits_btv[:, :-1], tokens_bt[:, 1:])
+    mask = loss_mask_bt[:, :-1].astype(jnp.float32)
+    return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def train_step(state: TrainState, frozen: dict, batch: Batch, key: jax.Array, *, model,
+               optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
+    step_key = jax.random.fold_in(key, state.step)
+
+    def micro(grads_and_sums, xs):
+        grads, loss_sum, count = grads_and_sums
+        i, tokens, valid, loss_mask = xs
+
+        def loss_of(trainable):
+            return token_loss(model, combine(frozen, trainable), tokens, valid, loss_mask,
+                              jax.random.fold_in(step_key, i), deterministic=False)
+
+        (s, n), g = jax.value_and_grad(loss_of, has_aux=True)(state.trainable)
+        grads = jax.tree_util.tree_map(jnp.add, grads, g)
+        return (grads, loss_sum + s, count + n), None
+
+    accum = batch["tokens"].shape[0]
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.trainable)
+    (grads, loss_sum, count), _ = jax.lax.scan(
+        micro, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+        (jnp.arange(accum), batch["tokens"], batch["valid"], batch["loss_mask"]))
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / count, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads),
+               "tokens": count, "finite": jnp.isfinite(loss_sum) & jnp.isfinite(
+                   optax.global_norm(grads))}
+    return TrainState(state.step + 1, trainable, opt_state), metrics
+
+
+def eval_step(trainable: dict, frozen: dict, batch: Batch, *, model) -> dict:
+    """Summed loss and token count of a batch shaped like the train batch."""
+    def one(carry, xs):
+        tokens, valid, loss_mask = xs
+        s, n = token_loss(model, combine(frozen, trainable), tokens, valid, loss_mask,
+                          jax.random.key(0), deterministic=True)
+        return (carry[0] + s, carry[1] + n), None
+
+    (s, n), _ = jax.lax.scan(one, (jnp.zeros(()), jnp.zeros(())),
+                             (batch["tokens"], batch["valid"], batch["loss_mask"]))
+    return {"loss_sum": s, "tokens": n}
