@@ -151,3 +151,27 @@ def test_cli_smoke(model_dir, tmp_path):
                          text=True, timeout=120)
     assert bad.returncode == 2 and "did you mean lr" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "does not exist"),
+    ("malformed", "invalid JSON"),
+    ("no_output", "record 1 has no string 'output'"),
+    ("too_long", "all .* training examples are cut off before their answer"),
+])
+def test_bad_data_is_one_clear_error_and_writes_nothing(model_dir, tmp_path, case, match):
+    f = tmp_path / "data.json"
+    good = {"instruction": "Add 1 and 2.", "input": "", "output": "1 + 2 = 3. The answer is 3."}
+    overrides = [f"data.path={f}", "data.val_set_size=0", "mesh.data=1"]
+    if case == "malformed":
+        f.write_text('[{"instruction": "x", "output": "y"},\n{"instruction": ')
+    elif case == "no_output":
+        f.write_text(json.dumps([good, {"instruction": "Add 1 and 2.", "input": ""}]))
+    elif case == "too_long":
+        f.write_text(json.dumps([good] * 20))
+        overrides += ["data.cutoff_len=4", "data.train_on_inputs=false"]
+    out = tmp_path / "run"
+    with pytest.raises((ValueError, FileNotFoundError), match=match) as err:
+        run(cfg_for(model_dir, out, *overrides), devices=devices(1))
+    assert "\n" not in str(err.value)
+    assert not out.exists()

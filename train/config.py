@@ -57,8 +57,9 @@ class AdapterSection:
 class DataConfig:
     path: str = doc("LLM-Adapters JSON file, hub dataset name, or 'embedded:arith' "
                     "(generated arithmetic word problems; no download)", "embedded:arith")
-    template: Literal["alpaca", "chat"] = doc(
-        "prompt format: LLM-Adapters' Alpaca template or the tokenizer's chat template",
+    template: Literal["alpaca", "llm_adapters", "chat"] = doc(
+        "prompt format: the Alpaca template, LLM-Adapters' finetune.py string verbatim, or "
+        "the tokenizer's chat template",
         "alpaca")
     cutoff_len: int = doc("maximum tokens per example (longer ones are truncated)", 256)
     train_on_inputs: bool = doc("also compute the loss on prompt tokens", True)

@@ -434,6 +434,14 @@ def prepare(cfg: "DataConfig", tokenizer: Any, *, batch_size: int, seed: int) ->
     kw = dict(template=cfg.template, cutoff_len=cfg.cutoff_len,
               train_on_inputs=cfg.train_on_inputs)
     train, val = tokenize(splits.train, tokenizer, **kw), tokenize(splits.val, tokenizer, **kw)
+    # An example whose prompt fills cutoff_len has no target token: it would add
+    # nothing to the loss, so it is dropped, counted and reported.
+    kept = [e for e in train.examples if e.prompt_len < len(e.tokens)]
+    if not kept:
+        raise ValueError(f"all {len(train.examples)} training examples are cut off before "
+                         f"their answer by cutoff_len={cfg.cutoff_len} (the prompt alone fills "
+                         "it); raise data.cutoff_len or set data.train_on_inputs=true")
+    train = train._replace(examples=kept)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
     buckets = bucket_sizes(cfg.cutoff_len)
