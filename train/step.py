@@ -86,9 +86,9 @@ def train_step(state: TrainState, frozen: dict, batch: Batch, key: jax.Array, *,
     grads = jax.tree_util.tree_map(lambda g: g / count, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads),
-               "tokens": count, "finite": jnp.isfinite(loss_sum) & jnp.isfinite(
-                   optax.global_norm(grads))}
+    metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads),
+               "loss_tokens": count, "tokens": jnp.sum(batch["valid"]), "finite": jnp.isfinite(loss_sum) & jnp.isfinite(
+                   optax.tree.norm(grads))}
     return TrainState(state.step + 1, trainable, opt_state), metrics
 
 
