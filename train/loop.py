@@ -194,7 +194,7 @@ def heldout_accuracy(s: Setup, cfg: TrainConfig, trainable, desc: str) -> dict:
     eos_ids = {eos} | (set(model_eos) if isinstance(model_eos, tuple) else {model_eos})
     gen_cfg = dataclasses.replace(gen_cfg, eos_token_ids=tuple(sorted(
         e for e in eos_ids if e is not None)))
-    batch = 16
+    batch = 32  # two compiled-once decode batches for the default 64 items
     examples, correct = [], 0
     for start in tqdm(range(0, len(records), batch), desc=desc, unit="batch",
                       disable=not _is_primary()):
