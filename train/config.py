@@ -98,14 +98,14 @@ class TrainConfig:
                            MeshConfig())
     output_dir: str = doc("where checkpoints, the exported adapter and the report go",
                           "runs/default")
-    steps: int = doc("optimizer steps", 40)
+    steps: int = doc("optimizer steps", 30)
     batch_size: int = doc("global batch size (examples per optimizer step)", 16)
     micro_batch_size: int = doc("examples per forward/backward; batch_size must be a "
                                 "multiple (gradient accumulation)", 16)
     seed: int = doc("seed of init, shuffling, dropout", 0)
     log_every: int = doc("steps between metric lines", 10)
-    eval_every: int = doc("steps between validation losses (0 = only at the end)", 20)
-    checkpoint_every: int = doc("steps between orbax checkpoints (0 = only at the end)", 20)
+    eval_every: int = doc("steps between validation losses (0 = only at the end)", 15)
+    checkpoint_every: int = doc("steps between orbax checkpoints (0 = only at the end)", 15)
     keep_checkpoints: int = doc("checkpoints kept (the oldest are deleted)", 2)
     eval_generate: int = doc("held-out examples scored by generation before and after "
                              "training (0 = skip)", 64)
