@@ -13,6 +13,7 @@ different summation order (observed ~1e-6).
 import json
 
 import numpy as np
+from tiny import padded_batch as tiny_padded_batch
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -61,13 +62,9 @@ def tiny(tmp_path_factory):
     return out
 
 
+
 def padded_batch():
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, TINY["vocab_size"], size=(3, 12))
-    mask = np.ones((3, 12), np.int64)
-    mask[1, :4] = 0  # left padding
-    mask[2, :9] = 0
-    return tokens, mask
+    return tiny_padded_batch(TINY["vocab_size"])
 
 
 def logits(pre, tree, cfg, tokens, mask):

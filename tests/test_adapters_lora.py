@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tiny import padded_batch as tiny_padded_batch
 import optax
 import pytest
 
@@ -76,13 +77,9 @@ def tiny(tmp_path_factory):
     return get
 
 
+
 def batch():
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, TINY["vocab_size"], size=(3, 12))
-    mask = np.ones((3, 12), np.int64)
-    mask[1, :4] = 0  # left padding
-    mask[2, :9] = 0
-    return tokens, mask
+    return tiny_padded_batch(TINY["vocab_size"])
 
 
 def ours(pre, tree, settings):

@@ -14,6 +14,7 @@ with `positions_bt = arange(t)`. Unpadded rows agree with the defaults.
 import json
 
 import numpy as np
+from tiny import padded_batch as tiny_padded_batch
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -68,13 +69,9 @@ def tiny(tmp_path_factory):
     return out
 
 
+
 def padded_batch():
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, TINY["vocab_size"], size=(3, 12))
-    mask = np.ones((3, 12), np.int64)
-    mask[1, :4] = 0  # left padding
-    mask[2, :9] = 0
-    return tokens, mask
+    return tiny_padded_batch(TINY["vocab_size"])
 
 
 def peft_logits(model, is_prefix, tokens, mask):

@@ -7,6 +7,7 @@ summation order only (observed ~1e-6).
 """
 
 import numpy as np
+from tiny import padded_batch as tiny_padded_batch
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -50,13 +51,9 @@ def save_tiny(tmp_path, name):
     return model
 
 
+
 def padded_batch():
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, TINY["vocab_size"], size=(3, 12))
-    mask = np.ones((3, 12), np.int64)
-    mask[1, :4] = 0  # left padding
-    mask[2, :9] = 0
-    return tokens, mask
+    return tiny_padded_batch(TINY["vocab_size"])
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -1,7 +1,6 @@
 """`python -m train` end to end on a tiny real model (random LLaMA + word-level
 tokenizer, saved to disk), on 1 and 8 fake CPU devices."""
 
-import dataclasses
 import json
 import os
 import shutil

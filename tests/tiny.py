@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pathlib
 
+import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from train import arith, data
@@ -40,3 +41,14 @@ def make_model_dir(path: pathlib.Path, seed: int = 0, **overrides) -> pathlib.Pa
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def padded_batch(vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, attention mask) of 3 rows x 12: one full row and two left-padded
+    ones (4 and 9 pads), the batch every parity test compares logits over."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab_size, size=(3, 12))
+    mask = np.ones((3, 12), np.int64)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    return tokens, mask

@@ -219,39 +219,13 @@ def _config_json(cfg: BottleneckConfig, targets_: list[str], base_model: str | N
     }
 
 
-def _write_atomically(out_dir: str | os.PathLike, files: dict[str, Callable[[str], None]]) -> None:
-    """Writes `files` ({name: writer(path)}) into a temporary sibling of
-    `out_dir`, then renames it into place, so a crash never leaves a
-    half-written adapter where a reader looks. An existing `out_dir` is
-    replaced."""
-    import shutil
-    import tempfile
-
-    out = pathlib.Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        for name, write in files.items():
-            write(str(tmp / name))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is an ordinary directory
-        if out.exists():
-            old = out.with_name(f".{out.name}.old.{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def export_bottleneck(tree: dict, cfg: BottleneckConfig, out_dir: str | os.PathLike,
-                      base_model: str | None = None) -> None:
+                      base_model: str | None = None) -> pathlib.Path:
     """Writes `out_dir/{adapter_config.json, adapter_model.safetensors}` in
-    LLM-Adapters' BOTTLENECK schema (PyTorch layouts, float32)."""
+    LLM-Adapters' BOTTLENECK schema (PyTorch layouts, float32); returns its path."""
     # Imported here: the checkpoints package imports the models, which import the sites,
     # which import this module.
+    from flax_adapters.checkpoints.atomic import write_dir_atomically
     from flax_adapters.checkpoints.safetensors_io import save_file
 
     sites_ = list(adapter_sites(tree))
@@ -267,7 +241,7 @@ def export_bottleneck(tree: dict, cfg: BottleneckConfig, out_dir: str | os.PathL
                 tensors[_torch_key(site, leaf)] = value if leaf == "adapter_scaling" else value.T
     names = sorted({s.rsplit("/", 1)[-1] for s in sites_})
     config = _config_json(cfg, names, base_model)
-    _write_atomically(out_dir, {
+    return write_dir_atomically(out_dir, {
         CONFIG_NAME: lambda p: pathlib.Path(p).write_text(json.dumps(config, indent=2,
                                                                      sort_keys=True)),
         WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt"}),

@@ -32,8 +32,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
-import tempfile
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -42,6 +40,7 @@ import numpy as np
 from flax_adapters.adapters import ia3, lora, prefix, prompt, targeting
 from flax_adapters.adapters.tree import get as _get, split, with_site
 from flax_adapters.checkpoints.hf import hf_name_to_path, path_to_hf_name
+from flax_adapters.checkpoints.atomic import write_dir_atomically
 from flax_adapters.checkpoints.safetensors_io import iter_tensors, save_file
 from flax_adapters.models.config import SUPPORTED_MODEL_TYPES
 
@@ -171,27 +170,10 @@ def export_peft(tree: dict, cfg: Any, out_dir: str | os.PathLike,
               "modules_to_save": None}
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
 
-    out = pathlib.Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is an ordinary directory
-        if out.exists():
-            # Two renames: if interrupted between them, the old export is intact at `old`.
-            old = tmp.with_name(tmp.name + ".old")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_dir_atomically(out_dir, {
+        CONFIG_NAME: lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
+        WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+    })
 
 
 # --- import --------------------------------------------------------------
