@@ -481,6 +481,31 @@ def test_smollm2_logits_equal_transformers(smollm2):
 
 @pytest.mark.slow
 @needs_smollm2
+def test_smollm2_greedy_continuations_equal_transformers(smollm2):
+    """32 greedy tokens of 3 prompts, one at a time (no padding), with our
+    jitted KV-cache decoder and with transformers' generate: identical."""
+    import torch
+
+    from flax_adapters.generate import GenerationConfig, generate
+    (hf, state, tokenizer), model = smollm2
+    cfg = LlamaConfig.from_hf(hf)
+    params = hf_state_to_params(cfg, dict(state))
+    ours_model = LlamaForCausalLM(cfg)
+    prompts = ["The capital of France is",
+               "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n",
+               "def fibonacci(n):"]
+    for text in prompts:
+        ids = tokenizer(text)["input_ids"]
+        ours = generate(ours_model, params, [ids],
+                        GenerationConfig(max_new_tokens=32, eos_token_ids=()))[0]
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, len(ids):].numpy()
+        assert ours.tolist() == ref.tolist(), text
+
+
+@pytest.mark.slow
+@needs_smollm2
 def test_smollm2_tokenizer_equals_transformers_gguf_tokenizer(smollm2):
     transformers = pytest.importorskip("transformers")
     (_, _, ours), _ = smollm2
