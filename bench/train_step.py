@@ -1,7 +1,7 @@
 """LoRA train-step throughput: our jitted step against PyTorch + PEFT, and the roofline.
 
     python -m bench.train_step [--model tiny|smollm2] [--batch 16] [--seq 128] [--steps N]
-                               [--dropout 0.05] [--malloc-hugetlb]
+                               [--dropout 0.05] [--mallopt] [--env KEY=VALUE ...]
 
 What runs on each side (the same weights, the same LoRA, the same batches):
 - ours: `train.step.train_step` jitted exactly as `train.loop.compile_steps`
@@ -34,9 +34,15 @@ reports CPU user/system seconds and minor page faults per step (getrusage)
 and its peak RSS (VmHWM). Our first call (trace + XLA compile + one step) is
 reported separately and never counted in tokens/s; XLA compilations are
 counted with a `jax.monitoring` listener: a fixed shape must compile the step
-exactly once and never again. `--malloc-hugetlb` runs both workers with
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages for large
-allocations: far fewer page faults for the per-step activation buffers).
+exactly once and never again. `--env KEY=VALUE` sets a variable in both
+workers, e.g. `--env LD_PRELOAD=/path/libtcmalloc_minimal.so.4`: glibc malloc
+returns each large buffer to the kernel when it is freed, so every step
+page-faults its activation buffers in again (counted in the table; on this
+2-core machine that system time rivals the compute). `--mallopt` makes both
+workers call glibc's mallopt first thing (no mmap for large blocks, no
+trimming, one arena: freed buffers are reused, never returned), as
+`GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...:
+glibc.malloc.arena_max=1` or a caching allocator (tcmalloc) would.
 
 FLOPs (counted from the model shape, the same number for both sides):
     T = batch * seq tokens; per layer, matmul parameters
@@ -289,7 +295,8 @@ def worker(args) -> None:
     """`--worker ours|torch`: load one side, answer `step i` lines on stdin
     with that step's timings, `done` with the totals."""
     side = args.worker
-    extra = {}
+    from train.runtime import keep_freed_memory
+    extra = {"mallopt": keep_freed_memory()} if args.mallopt else {}
     if side == "ours":
         import jax
         # As `python -m train` sets it: float32 matmuls at full precision.
@@ -340,6 +347,8 @@ class Worker:
     def __init__(self, side: str, args, model_dir: str | None, env: dict):
         cmd = [sys.executable, "-m", "bench.train_step", "--worker", side, "--batch",
                str(args.batch), "--seq", str(args.seq), "--dropout", str(args.dropout)]
+        if args.mallopt:
+            cmd.append("--mallopt")
         if model_dir:
             cmd += ["--model-dir", model_dir]
         self.side = side
@@ -402,8 +411,11 @@ def main(argv=None):
                         help="timed repetitions per side (default: 10 tiny, 5 smollm2)")
     parser.add_argument("--dropout", type=float, default=0.05,
                         help="LoRA dropout on both sides (LLM-Adapters uses 0.05)")
-    parser.add_argument("--malloc-hugetlb", action="store_true",
-                        help="run both workers with GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for both workers (repeatable), e.g. "
+                             "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+    parser.add_argument("--mallopt", action="store_true",
+                        help="both workers keep freed memory for reuse (glibc mallopt)")
     parser.add_argument("--worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -412,8 +424,11 @@ def main(argv=None):
 
     steps = args.steps or (10 if args.model == "tiny" else 5)
     env = dict(os.environ)
-    if args.malloc_hugetlb:
-        env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--env expects KEY=VALUE, got {item!r}")
+        env[key] = value
     tmp = tempfile.TemporaryDirectory()
     model_dir = make_tiny_dir(tmp.name) if args.model == "tiny" else None
     start = time.perf_counter()
@@ -446,8 +461,9 @@ def report(args, steps, setup_s, o_ready, t_ready, o_done, t_done, times, peak):
     best = {k: min(r["wall"] for r in v) for k, v in times.items()}
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
           f"({t_ready['threads']} threads), {os.cpu_count()} cores, load avg "
-          f"{os.getloadavg()[0]:.1f}; GLIBC_TUNABLES="
-          f"{'glibc.malloc.hugetlb=1' if args.malloc_hugetlb else '(unset)'}")
+          f"{os.getloadavg()[0]:.1f}; worker env: {' '.join(args.env) or '(inherited)'}"
+          + (f"; mallopt applied: ours {o_ready.get('mallopt')}, PyTorch "
+             f"{t_ready.get('mallopt')}" if args.mallopt else ""))
     print(f"model: {describe(args.model)}")
     print(f"LoRA r={RANK} alpha={ALPHA:g} dropout={args.dropout:g} on {', '.join(TARGETS)}; "
           f"AdamW lr={LR:g}, clip 1.0; float32; batch {args.batch} x seq {args.seq} = "
@@ -469,8 +485,9 @@ def report(args, steps, setup_s, o_ready, t_ready, o_done, t_done, times, peak):
     print(f"\nratio ours/PyTorch tokens/s: {med['torch']['wall'] / med['ours']['wall']:.2f}x "
           f"(median step times), {best['torch'] / best['ours']:.2f}x (best), per-repetition "
           f"{per_rep[0]:.2f}x..{per_rep[-1]:.2f}x")
-    print(f"our compile: first call {o_ready['first_s']:.1f} s (= {o_ready['first_s'] - med['ours']['wall']:.1f} s "
-          f"trace + compile beyond one step); XLA backend compile {o_ready['compile_s']:.1f} s "
+    extra = o_ready["first_s"] - med["ours"]["wall"]
+    print(f"our compile: first call {o_ready['first_s']:.1f} s (= {extra:.1f} s trace + "
+          f"compile beyond one step); XLA backend compile {o_ready['compile_s']:.1f} s "
           f"in {o_ready['compiles']} compilation(s) during the first call; "
           f"{o_done['recompiles']} compilation(s) during the timed steps; jit cache entries "
           f"of the step: {o_done['cache_size']}")

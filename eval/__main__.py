@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from train.runtime import keep_freed_memory
+    keep_freed_memory()  # before JAX allocates anything; see train/runtime.py
     from eval.run import EvalConfig, markdown_table, run  # after parsing: --help stays fast
     cfg = EvalConfig(datasets=tuple(args.datasets), output_dir=args.output_dir,
                      data_path=args.data_path, generations=args.generations, model=args.model,

@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from train.runtime import keep_freed_memory
+    keep_freed_memory()  # before JAX allocates anything; see train/runtime.py
+
     import jax
 
     # Multi-host: TPU pod slices and SLURM clusters announce themselves in the
