@@ -194,6 +194,14 @@ def bucket_sizes(cutoff_len: int, smallest: int = 32) -> tuple[int, ...]:
     return (*sizes, cutoff_len)
 
 
+def loss_window(examples: Sequence[Example], multiple: int = 8) -> int:
+    """An upper bound on the counted (loss) positions of any row: the train
+    step computes logits only for a window this long (see `train.step.token_loss`).
+    Rounded up to `multiple` so that near-equal datasets share a compiled step."""
+    span = max((len(e.tokens) - max(e.prompt_len, 1) for e in examples), default=1)
+    return -(-max(span, 1) // multiple) * multiple
+
+
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
     for b in sorted(buckets):
         if length <= b:
@@ -448,6 +456,7 @@ def prepare(cfg: "DataConfig", tokenizer: Any, *, batch_size: int, seed: int) ->
     batches = TrainBatches(train.examples, batch_size, seed=seed, buckets=buckets, pad_id=pad_id)
     info = {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
             "buckets": buckets, "steps_per_epoch": batches.steps_per_epoch,
+            "loss_window": loss_window(train.examples + val.examples),
             "truncated": train.truncated + val.truncated,
             "no_target": train.no_target + val.no_target,
             "prefix_mismatches": train.prefix_mismatches + val.prefix_mismatches}

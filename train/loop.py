@@ -143,12 +143,14 @@ def compile_steps(s: Setup, cfg: TrainConfig):
     batch_sh = jax.sharding.NamedSharding(
         s.mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"), None))
     key_sh = sharding.replicated(s.mesh)
+    window = s.prepared.info["loss_window"] if s.prepared is not None else None
     step_fn = jax.jit(
-        functools.partial(train_step, model=s.model, optimizer=_optimizer(cfg)),
+        functools.partial(train_step, model=s.model, optimizer=_optimizer(cfg),
+                          loss_window=window),
         in_shardings=(s.state_shardings, s.frozen_shardings, batch_sh, key_sh),
         out_shardings=(s.state_shardings, sharding.replicated(s.mesh)),
         donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(eval_step, model=s.model),
+    eval_fn = jax.jit(functools.partial(eval_step, model=s.model, loss_window=window),
                       in_shardings=(s.state_shardings.trainable, s.frozen_shardings, batch_sh),
                       out_shardings=sharding.replicated(s.mesh))
     return step_fn, eval_fn, batch_sh
@@ -257,7 +259,9 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
 
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step",
                disable=not _is_primary(), dynamic_ncols=True)
-    tokens_seen, t0 = 0.0, time.perf_counter()
+    # tokens/s counts the steps after this process's first, whose time is mostly
+    # tracing and XLA compilation (reported once as compile_s).
+    tokens_seen, t0, rate = 0.0, time.perf_counter(), float("nan")
     last = {}
     with open(metrics_path, "a") as mfile:
         for step in range(start, cfg.steps):
@@ -271,10 +275,13 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
                     f"and training stopped. Last good checkpoint: "
                     f"{'none' if kept is None else ckpt.directory / str(kept)}. Lower optim.lr "
                     "or check the data")
-            tokens_seen += metrics["tokens"]
-            rate = tokens_seen / (time.perf_counter() - t0)
-            record = {"step": step + 1, "loss": metrics["loss"],
-                      "grad_norm": metrics["grad_norm"], "tokens_per_s": rate}
+            record = {"step": step + 1, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}
+            if step == start:
+                record["compile_s"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+            else:
+                tokens_seen += metrics["tokens"]
+                rate = record["tokens_per_s"] = tokens_seen / (time.perf_counter() - t0)
             done = step + 1
             if cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.steps:
                 record["val_loss"] = validation_loss(s, eval_fn, batch_sh, cfg, state.trainable)

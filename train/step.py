@@ -47,22 +47,42 @@ def make_optimizer(lr: float, steps: int, warmup_steps: int, schedule: str, weig
     return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=1_000_000)
 
 
-def token_loss(model, params: dict, tokens_bt, valid_bt, loss_mask_bt, key, deterministic):
+def token_loss(model, params: dict, tokens_bt, valid_bt, loss_mask_bt, key, deterministic,
+               loss_window: int | None = None):
     """(sum of next-token cross-entropies over counted positions, their count).
 
-    Position i predicts tokens[i + 1]; it counts where loss_mask[i]."""
+    Position i predicts tokens[i + 1]; it counts where loss_mask[i]. The labels
+    are shifted, not the (b, t, v) logits: slicing the logits would copy the
+    largest array of the step (and pad its gradient back) for nothing.
+
+    `loss_window` (static): an upper bound on the counted positions per row,
+    which the data makes contiguous (the answer follows its prompt). The logits
+    are then computed on that window only, starting at each row's first counted
+    position: with prompt tokens masked out that is most of the vocab-wide head
+    and its activations saved. The window is clipped at the last position, which
+    never counts, so no counted position is ever dropped.
+    """
+    t = tokens_bt.shape[1]
+    labels_bt = jnp.concatenate([tokens_bt[:, 1:], tokens_bt[:, -1:]], axis=1)
+    at_ba = None
+    if loss_window is not None and loss_window < t:
+        start_b = jnp.argmax(loss_mask_bt, axis=1)
+        at_ba = jnp.minimum(start_b[:, None] + jnp.arange(loss_window), t - 1)
+        labels_bt = jnp.take_along_axis(labels_bt, at_ba, axis=1)
+        loss_mask_bt = jnp.take_along_axis(loss_mask_bt, at_ba, axis=1)
     # materialize: methods with a reparameterisation (prefix projection) compute
     # their leaves from the trainable encoder here, inside the differentiated code.
     logits_btv, _ = model.apply({"params": materialize(params)}, tokens_bt, valid_bt,
-                                deterministic=deterministic, rngs={"dropout": key})
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        logits_btv[:, :-1], tokens_bt[:, 1:])
-    mask = loss_mask_bt[:, :-1].astype(jnp.float32)
+                                deterministic=deterministic, rngs={"dropout": key},
+                                logits_at_ba=at_ba)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits_btv, labels_bt)
+    mask = loss_mask_bt.astype(jnp.float32)
     return jnp.sum(losses * mask), jnp.sum(mask)
 
 
 def train_step(state: TrainState, frozen: dict, batch: Batch, key: jax.Array, *, model,
-               optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
+               optimizer: optax.GradientTransformation,
+               loss_window: int | None = None) -> tuple[TrainState, dict]:
     step_key = jax.random.fold_in(key, state.step)
 
     def micro(grads_and_sums, xs):
@@ -71,7 +91,8 @@ def train_step(state: TrainState, frozen: dict, batch: Batch, key: jax.Array, *,
 
         def loss_of(trainable):
             return token_loss(model, combine(frozen, trainable), tokens, valid, loss_mask,
-                              jax.random.fold_in(step_key, i), deterministic=False)
+                              jax.random.fold_in(step_key, i), deterministic=False,
+                              loss_window=loss_window)
 
         (s, n), g = jax.value_and_grad(loss_of, has_aux=True)(state.trainable)
         grads = jax.tree_util.tree_map(jnp.add, grads, g)
@@ -92,12 +113,13 @@ def train_step(state: TrainState, frozen: dict, batch: Batch, key: jax.Array, *,
     return TrainState(state.step + 1, trainable, opt_state), metrics
 
 
-def eval_step(trainable: dict, frozen: dict, batch: Batch, *, model) -> dict:
+def eval_step(trainable: dict, frozen: dict, batch: Batch, *, model,
+              loss_window: int | None = None) -> dict:
     """Summed loss and token count of a batch shaped like the train batch."""
     def one(carry, xs):
         tokens, valid, loss_mask = xs
         s, n = token_loss(model, combine(frozen, trainable), tokens, valid, loss_mask,
-                          jax.random.key(0), deterministic=True)
+                          jax.random.key(0), deterministic=True, loss_window=loss_window)
         return (carry[0] + s, carry[1] + n), None
 
     (s, n), _ = jax.lax.scan(one, (jnp.zeros(()), jnp.zeros(())),

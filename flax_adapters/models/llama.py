@@ -134,8 +134,11 @@ class LlamaForCausalLM(nn.Module):
 
     tokens_bt: int (b, t). valid_bt: bool (b, t), False at padding (default
     all True). positions_bt: default counts valid tokens (left padding safe),
-    continuing from the cache. Returns (float32 logits (b, t, v), new cache
-    or None).
+    continuing from the cache. logits_at_ba: optional int (b, a) indices into
+    t; the logits are then computed at those positions only (the loss needs
+    them only where targets are, and the vocab-wide head is the largest
+    activation of a training step). Returns (float32 logits (b, t or a, v),
+    new cache or None).
     """
 
     cfg: LlamaConfig
@@ -146,7 +149,7 @@ class LlamaForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_bt, valid_bt=None, positions_bt=None, cache: Cache | None = None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, logits_at_ba: jax.Array | None = None):
         cfg = self.cfg
         b, t = tokens_bt.shape
         if valid_bt is None:
@@ -189,6 +192,8 @@ class LlamaForCausalLM(nn.Module):
             if new_cache is not None:
                 new_cache[name] = layer_cache
         h_btd = h_btd[:, n_virtual:]  # logits for the real tokens only (PEFT's include P more)
+        if logits_at_ba is not None:
+            h_btd = jnp.take_along_axis(h_btd, logits_at_ba[..., None], axis=1)
         h_btd = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(h_btd)
 
         if cfg.tie_word_embeddings:
