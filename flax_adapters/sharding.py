@@ -46,7 +46,15 @@ class MeshConfig:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
-    devices = list(devices if devices is not None else jax.devices())
+    """A (data, fsdp, tensor) mesh over `devices` (default: every process's).
+
+    Devices are laid out process by process (then by id), so along the
+    flattened mesh each process holds one contiguous block: the batch rows of
+    a process's devices are then one contiguous block of the global batch
+    too (or, when a tensor group spans processes, the same block on each of
+    them), and no batch shard straddles processes needlessly."""
+    devices = sorted(devices if devices is not None else jax.devices(),
+                     key=lambda d: (d.process_index, d.id))
     shape = [cfg.data, cfg.fsdp, cfg.tensor]
     if shape.count(-1) > 1:
         raise ValueError(f"mesh {cfg}: at most one axis may be -1")

@@ -1,5 +1,6 @@
 """train/data.py and train/arith.py: templates, masking, truncation, buckets,
-deterministic and resumable batches, process sharding, loading and its errors.
+deterministic and resumable batches, per-process rows and tokenization,
+loading and its errors.
 
 The tokenizer is a real `tokenizers` WordLevel model built here (no hub, no
 model file): whitespace/punctuation split, so token boundaries are exact and
@@ -213,18 +214,17 @@ def test_group_by_length_cuts_padding(tok, records):
 
 
 @pytest.mark.parametrize("process_count", [1, 2, 4])
-def test_process_shards_reassemble_the_global_batch(tok, records, process_count):
-    b = make_batches(tok, records)
+def test_process_rows_reassemble_the_global_batch(tok, records, process_count):
+    b = make_batches(tok, varied_lengths(records))
+    per = 8 // process_count
     for step in (0, 7, 30):
         full = b.batch_at(step)
-        parts = [b.batch_at(step, i, process_count) for i in range(process_count)]
-        for k in full:
+        parts = [b.batch_at(step, range(i * per, (i + 1) * per)) for i in range(process_count)]
+        for k in full:  # same rows, same order, same padded width on every process
             np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), full[k])
-            np.testing.assert_array_equal(data.shard_rows(full, 1 % process_count,
-                                                          process_count)[k],
-                                          parts[1 % process_count][k])
-    with pytest.raises(ValueError, match="not divisible"):
-        data.process_slice(8, 0, 3)
+        # the rows of one process under accumulation (2 micro-batches of 4, fsdp 2)
+        for k, v in b.batch_at(step, [0, 1, 4, 5]).items():
+            np.testing.assert_array_equal(v, full[k][[0, 1, 4, 5]])
 
 
 def test_eval_batches_see_every_example_once(tok, records):
@@ -235,10 +235,88 @@ def test_eval_batches_see_every_example_once(tok, records):
     assert sum(b["loss_mask"].sum() for b in batches) == sum(
         len(e.tokens) - e.prompt_len for e in ex)
     halves = [list(data.eval_batches(ex, 8, buckets=(32, 64), pad_id=tok.pad_token_id,
-                                     process_index=i, process_count=2)) for i in range(2)]
-    for whole, a, b in zip(batches, *halves):
-        np.testing.assert_array_equal(np.concatenate([a["tokens"], b["tokens"]]),
-                                      whole["tokens"])
+                                     rows=range(i * 4, i * 4 + 4))) for i in range(2)]
+    for whole, a, b in zip(batches, *halves, strict=True):
+        for k in whole:
+            np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), whole[k])
+
+
+class CountingTokenizer:
+    """The real tokenizer, counting the texts it is asked to encode."""
+
+    def __init__(self, tok):
+        self.tok, self.texts = tok, 0
+
+    def __call__(self, texts, **kw):
+        self.texts += len(texts)
+        return self.tok(texts, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def prepare_on_processes(tok, cfg, count, batch_size=8):
+    """`data.prepare` run by `count` simulated processes (threads), whose
+    `gather` is a real all-gather: each blocks until every one has posted."""
+    import threading
+
+    posted, barrier = {}, threading.Barrier(count)
+
+    def gather_for(i):
+        def gather(local):
+            barrier.wait()
+            posted[i] = local
+            barrier.wait()
+            out = np.stack([posted[j] for j in range(count)])
+            barrier.wait()
+            return out
+        return gather
+
+    toks = [CountingTokenizer(tok) for _ in range(count)]
+    results = [None] * count
+
+    def one(i):
+        results[i] = data.prepare(cfg, toks[i], batch_size=batch_size, seed=0,
+                                  share=data.Share(i, count, gather_for(i)))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, toks
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_each_process_tokenizes_only_its_share(tok, count):
+    """Same batches, validation batches and counts as one process, while each
+    process tokenizes about 1/count of the records (plus its rows of the
+    batches it serves)."""
+    from train.config import DataConfig
+
+    # Prompts are 42-53 tokens: cutoff 46 truncates every example and leaves
+    # some with no target, so the counts and the dropping are exercised.
+    cfg = DataConfig(path="embedded:arith", cutoff_len=46, train_on_inputs=False,
+                     val_set_size=16, embedded_train_size=200, embedded_test_size=12)
+    alone = data.prepare(cfg, tok, batch_size=6, seed=0)
+    assert alone.info["truncated"] > 0 and alone.info["no_target"] > 0
+    shared, toks = prepare_on_processes(tok, cfg, count, batch_size=6)
+    n_records = alone.info["train"] + alone.info["val"]
+    for i, (p, t) in enumerate(zip(shared, toks)):
+        assert p.info == alone.info
+        # prompt and prompt+output per record of its share, nothing else yet
+        assert t.texts == 2 * (len(range(i, alone.info["train"], count)) +
+                               len(range(i, alone.info["val"], count)))
+        assert t.texts <= 2 * n_records / count + 4
+        rows = range(i * 6 // count, (i + 1) * 6 // count)
+        for step in (0, 5, 40):
+            for k, v in alone.train.batch_at(step).items():
+                np.testing.assert_array_equal(p.train.batch_at(step, rows)[k], v[list(rows)])
+        kw = dict(buckets=alone.info["buckets"], pad_id=tok.pad_token_id)
+        for whole, part in zip(data.eval_batches(alone.val, 6, **kw),
+                               data.eval_batches(p.val, 6, rows=rows, **kw), strict=True):
+            for k in whole:
+                np.testing.assert_array_equal(part[k], whole[k][list(rows)])
 
 
 def test_too_few_examples_for_a_batch(tok, records):

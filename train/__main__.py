@@ -3,14 +3,19 @@
 With no arguments: SmolLM2-135M-Instruct (the embedded default model) + LoRA
 on the embedded arithmetic word problems, then held-out accuracy before and
 after. `--help` lists every config field.
+
+Several hosts: run the same command on every host. TPU pod slices and SLURM
+job steps are detected; elsewhere pass --coordinator_address,
+--num_processes and --process_id (train/distributed.py). For a local test:
+`python -m train.launch --num_processes 2 -- ...`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
+import traceback
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing run in output_dir")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
+    multi = parser.add_argument_group(
+        "several processes", "detected on TPU pod slices and in SLURM job steps; elsewhere "
+        "pass the first three on every process")
+    multi.add_argument("--coordinator_address", help="host:port of process 0")
+    multi.add_argument("--num_processes", type=int, help="how many processes in all")
+    multi.add_argument("--process_id", type=int, help="this process, 0 .. num_processes-1")
+    multi.add_argument("--heartbeat_timeout", type=int, default=60, metavar="SECONDS",
+                       help="a process silent this long counts as dead and all the others "
+                       "stop (default: %(default)s)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
@@ -44,11 +58,25 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    # Multi-host: TPU pod slices and SLURM clusters announce themselves in the
-    # environment; jax.distributed.initialize() then needs no arguments.
-    if "TPU_WORKER_HOSTNAMES" in os.environ or "JAX_COORDINATOR_ADDRESS" in os.environ or \
-            int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
+    from train import distributed
+
+    # Before anything touches a device: with several processes, jax.devices()
+    # must list all of theirs.
+    try:
+        distributed.initialize(distributed.DistributedConfig(
+            args.coordinator_address, args.num_processes, args.process_id,
+            args.heartbeat_timeout))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 -- JAX's runtime errors: unreachable coordinator, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"error: the processes could not connect ({first}); check that every process "
+              "got the same --coordinator_address and --num_processes, and that process 0 "
+              "runs and its port is reachable", file=sys.stderr)
+        return 1
+    if jax.process_index() > 0:  # process 0 speaks for all; warnings still show everywhere
+        logging.getLogger().setLevel(logging.WARNING)
     # Reproducible float32 matmuls: the default precision on some backends is
     # bf16 passes; our parity claims are float32.
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -58,8 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(cfg, resume=args.resume, overwrite=args.overwrite)
     except (TrainingError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return distributed.fail(f"error: {e}")
+    except BaseException as e:
+        if not distributed.is_multiprocess():
+            raise
+        # the others stop too, with its first line
+        distributed.fail(f"error: {type(e).__name__}: {e}".splitlines()[0],
+                         details=traceback.format_exc())
+    distributed.stop()
     return 0
 
 

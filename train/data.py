@@ -32,6 +32,10 @@ Where we differ, and why:
     length.
   * The train order is a pure function of (seed, step): `TrainBatches.batch_at`.
     Resuming needs only the step number, which the checkpoint already holds.
+  * Several processes (multi-host): each tokenizes only its share of the
+    records and loads only the rows of each global batch that its devices
+    hold; the global batch, its order and its padding are the same for every
+    process count (`SharedExamples`, `TrainBatches.batch_at(step, rows)`).
 
 Batch layout (numpy, right padded, t = a bucket size):
     tokens    (b, t) int32  token ids; padding = pad id
@@ -49,7 +53,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -140,7 +144,7 @@ class Example(NamedTuple):
 
 
 class Tokenized(NamedTuple):
-    examples: list[Example]
+    examples: Sequence[Example]
     truncated: int           # examples that reached cutoff_len without EOS (cut off)
     no_target: int           # examples whose every token is masked (prompt >= cutoff_len)
     prefix_mismatches: int   # prompt tokens not a prefix of prompt+output tokens
@@ -149,13 +153,23 @@ class Tokenized(NamedTuple):
 def tokenize(records: Sequence[Record], tokenizer: Any, *, template: str = "alpaca",
              cutoff_len: int = 256, train_on_inputs: bool = True) -> Tokenized:
     """LLM-Adapters' `generate_and_tokenize_prompt` over all records (batched calls)."""
+    each = _tokenize_each(records, tokenizer, template=template, cutoff_len=cutoff_len,
+                          train_on_inputs=train_on_inputs)
+    return Tokenized([e for e, _, _ in each], sum(t for _, t, _ in each),
+                     sum(e.prompt_len >= len(e.tokens) for e, _, _ in each),
+                     sum(m for _, _, m in each))
+
+
+def _tokenize_each(records: Sequence[Record], tokenizer: Any, *, template: str,
+                   cutoff_len: int, train_on_inputs: bool) -> list[tuple[Example, bool, bool]]:
+    """(example, truncated, prompt tokens not a prefix) per record."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id; set tokenizer.eos_token")
     if cutoff_len < 2:
         raise ValueError(f"cutoff_len must be >= 2, got {cutoff_len}")
     if not records:
-        return Tokenized([], 0, 0, 0)
+        return []
     special = add_special_tokens(template)
     prompts = [prompt_for_eval(r, template, tokenizer) for r in records]
     fulls = [p + r["output"] for p, r in zip(prompts, records)]
@@ -164,20 +178,108 @@ def tokenize(records: Sequence[Record], tokenizer: Any, *, template: str = "alpa
         return tokenizer(texts, truncation=True, max_length=cutoff_len,
                          add_special_tokens=special)["input_ids"]
 
-    full_ids, prompt_ids = encode(fulls), encode(prompts)
-    examples, truncated, no_target, mismatches = [], 0, 0, 0
-    for ids, p_ids in zip(full_ids, prompt_ids):
+    out = []
+    for ids, p_ids in zip(encode(fulls), encode(prompts)):
         ids = list(ids)
         # As finetune.py: EOS only if there is room; a truncated text gets none.
+        truncated = False
         if ids[-1] != eos and len(ids) < cutoff_len:
             ids.append(eos)
         else:
-            truncated += ids[-1] != eos
-        mismatches += ids[:len(p_ids)] != list(p_ids)
+            truncated = ids[-1] != eos
         prompt_len = 0 if train_on_inputs else min(len(p_ids), len(ids))
-        no_target += prompt_len >= len(ids)
-        examples.append(Example(np.asarray(ids, np.int32), prompt_len))
-    return Tokenized(examples, truncated, no_target, mismatches)
+        out.append((Example(np.asarray(ids, np.int32), prompt_len), truncated,
+                    ids[:len(p_ids)] != list(p_ids)))
+    return out
+
+# ------------------------------------------------------------------------- processes
+
+
+def _gather_alone(local: np.ndarray) -> np.ndarray:
+    return local[None]
+
+
+class Share(NamedTuple):
+    """This process's part of the data work, and how to swap results.
+
+    `gather` takes the same-shape array (k, ...) on every process and returns
+    all of them stacked in process order, (count, k, ...); with one process it
+    is `local[None]` (train/distributed.py gives the multi-process one)."""
+
+    index: int = 0
+    count: int = 1
+    gather: Callable[[np.ndarray], np.ndarray] = _gather_alone
+
+
+class SharedExamples(Sequence[Example]):
+    """The tokenized examples of `records`, tokenized by all processes together.
+
+    Each process tokenizes its share, records[index::count], up front; the
+    processes then swap the lengths (a few ints per example), so every one
+    knows every example's length and prompt length, which the batch order,
+    the buckets and the dropping of target-less examples depend on, while
+    holding tokens only for its share. An example outside it is tokenized
+    when one of this process's batch rows needs it (`take`)."""
+
+    def __init__(self, records: Sequence[Record], lengths: np.ndarray, prompt_lens: np.ndarray,
+                 local: dict[int, Example], tokenize_kw: dict, tokenizer: Any):
+        self.records, self.lengths, self.prompt_lens = records, lengths, prompt_lens
+        self._local, self._kw, self._tokenizer = local, tokenize_kw, tokenizer
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Example:  # type: ignore[override]
+        return self.take([i])[0]
+
+    def take(self, indices: Sequence[int]) -> list[Example]:
+        missing = [int(i) for i in indices if int(i) not in self._local]
+        made = dict(zip(missing, (e for e, _, _ in _tokenize_each(
+            [self.records[i] for i in missing], self._tokenizer, **self._kw))))
+        return [self._local[int(i)] if int(i) in self._local else made[int(i)] for i in indices]
+
+    def subset(self, keep: np.ndarray) -> "SharedExamples":
+        """Examples `keep` (indices, in order), renumbered from 0."""
+        local = {new: self._local[old] for new, old in enumerate(keep.tolist())
+                 if old in self._local}
+        return SharedExamples([self.records[i] for i in keep], self.lengths[keep],
+                              self.prompt_lens[keep], local, self._kw, self._tokenizer)
+
+
+def tokenize_shared(records: Sequence[Record], tokenizer: Any, share: Share = Share(), *,
+                    template: str = "alpaca", cutoff_len: int = 256,
+                    train_on_inputs: bool = True) -> Tokenized:
+    """`tokenize`, done by the processes together (see `SharedExamples`); the
+    counts are those of all records. Every process must call it with the same
+    records (one `gather` per call)."""
+    kw = dict(template=template, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs)
+    mine = range(share.index, len(records), share.count)
+    each = _tokenize_each([records[i] for i in mine], tokenizer, **kw)
+    k = -(-len(records) // share.count)  # the same row count on every process
+    stats = np.full((k, 4), -1, np.int64)  # length, prompt_len, truncated, mismatch
+    for j, (ex, truncated, mismatch) in enumerate(each):
+        stats[j] = len(ex.tokens), ex.prompt_len, truncated, mismatch
+    every = share.gather(stats) if records else np.zeros((share.count, 0, 4), np.int64)
+    # Process p tokenized records p, p + count, ...: row j of process p is
+    # record j * count + p, so interleaving the processes restores record order.
+    every = np.swapaxes(every, 0, 1).reshape(-1, 4)[:len(records)]
+    lengths, prompt_lens = every[:, 0], every[:, 1]
+    examples = SharedExamples(records, lengths, prompt_lens,
+                              {i: e for i, (e, _, _) in zip(mine, each)}, kw, tokenizer)
+    return Tokenized(examples, int(every[:, 2].sum()), int((prompt_lens >= lengths).sum()),
+                     int(every[:, 3].sum()))
+
+
+def _take(examples: Sequence[Example], indices: Sequence[int]) -> list[Example]:
+    if isinstance(examples, SharedExamples):
+        return examples.take(indices)
+    return [examples[i] for i in indices]
+
+
+def _lengths(examples: Sequence[Example]) -> np.ndarray:
+    if isinstance(examples, SharedExamples):
+        return examples.lengths
+    return np.array([len(e.tokens) for e in examples], np.int64)
 
 # ------------------------------------------------------------------------- batches
 
@@ -227,23 +329,6 @@ def collate(examples: Sequence[Example], seq_len: int, pad_id: int,
     return {"tokens": tokens, "valid": valid, "loss_mask": loss_mask}
 
 
-def process_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
-    """This process's rows of a global batch: contiguous equal blocks in process
-    order, so the global batch (and its order) is the same for any process count."""
-    if global_batch_size % process_count:
-        raise ValueError(f"batch size {global_batch_size} is not divisible by the "
-                         f"{process_count} processes")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    per = global_batch_size // process_count
-    return slice(process_index * per, (process_index + 1) * per)
-
-
-def shard_rows(batch: Batch, process_index: int, process_count: int) -> Batch:
-    rows = process_slice(len(batch["tokens"]), process_index, process_count)
-    return {k: v[rows] for k, v in batch.items()}
-
-
 class TrainBatches:
     """Training batches as a pure function of (seed, step).
 
@@ -262,8 +347,8 @@ class TrainBatches:
         if batch_size < 1 or len(examples) < batch_size:
             raise ValueError(f"{len(examples)} training examples cannot fill one batch of "
                              f"{batch_size}; lower batch_size or add data")
-        self.examples = list(examples)
-        self.lengths = np.array([len(e.tokens) for e in self.examples])
+        self.examples = examples if isinstance(examples, SharedExamples) else list(examples)
+        self.lengths = _lengths(self.examples)
         if self.lengths.max() > max(buckets):
             raise ValueError(f"an example has {self.lengths.max()} tokens, more than the "
                              f"largest bucket {max(buckets)}")
@@ -294,36 +379,38 @@ class TrainBatches:
         epoch, i = divmod(step, self.steps_per_epoch)
         return self.epoch_order(epoch)[i]
 
-    def batch_at(self, step: int, process_index: int = 0, process_count: int = 1) -> Batch:
-        """The batch of `step` (0-based), or this process's rows of it."""
+    def batch_at(self, step: int, rows: Sequence[int] | None = None) -> Batch:
+        """The batch of `step` (0-based), or only its rows `rows` (indices into
+        it: a process's share, train/distributed.py `process_rows`). The padded
+        width is that of the whole batch, the same on every process."""
         idx = self.indices_at(step)
         seq_len = bucket_for(int(self.lengths[idx].max()), self.buckets)
-        rows = idx[process_slice(self.batch_size, process_index, process_count)]
-        return collate([self.examples[i] for i in rows], seq_len, self.pad_id)
+        chosen = idx if rows is None else idx[np.asarray(rows)]
+        return collate(_take(self.examples, chosen), seq_len, self.pad_id)
 
-    def iterate(self, start_step: int = 0, process_index: int = 0,
-                process_count: int = 1) -> Iterator[Batch]:
+    def iterate(self, start_step: int = 0, rows: Sequence[int] | None = None) -> Iterator[Batch]:
         """Endless batches from `start_step`: resuming at step s gives exactly
         the batches an uninterrupted run gives from s on."""
         step = start_step
         while True:
-            yield self.batch_at(step, process_index, process_count)
+            yield self.batch_at(step, rows)
             step += 1
 
 
 def eval_batches(examples: Sequence[Example], batch_size: int, *, buckets: Sequence[int],
-                 pad_id: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[Batch]:
+                 pad_id: int, rows: Sequence[int] | None = None) -> Iterator[Batch]:
     """Every example once, in batches of exactly `batch_size` rows (the last one
-    padded with empty rows). Sorted by length to cut padding: the order of a
-    summed loss does not matter."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
-    rows = process_slice(batch_size, process_index, process_count)
+    padded with empty rows), or only rows `rows` (sorted) of each. Sorted by
+    length to cut padding: the order of a summed loss does not matter."""
+    lengths = _lengths(examples)
+    order = np.argsort(lengths, kind="stable")
+    rows = np.arange(batch_size) if rows is None else np.asarray(rows)
     for start in range(0, len(order), batch_size):
-        chunk = [examples[i] for i in order[start:start + batch_size]]
-        seq_len = bucket_for(max(len(e.tokens) for e in chunk), buckets)
-        batch = collate(chunk, seq_len, pad_id, n_rows=batch_size)
-        yield {k: v[rows] for k, v in batch.items()}
+        chunk = order[start:start + batch_size]
+        seq_len = bucket_for(int(lengths[chunk].max()), buckets)
+        # rows past the chunk's end are the empty padding rows
+        mine = [chunk[r] for r in rows if r < len(chunk)]
+        yield collate(_take(examples, mine), seq_len, pad_id, n_rows=len(rows))
 
 # ------------------------------------------------------------------------- loading
 
@@ -429,31 +516,36 @@ def load_splits(path: str, *, val_set_size: int, embedded_train_size: int = 2000
 
 class Prepared(NamedTuple):
     train: TrainBatches
-    val: list[Example]   # for eval_batches
+    val: Sequence[Example]  # for eval_batches
     test: list[Record]   # for prompt_for_eval + the `answer` field
     info: dict           # counts worth logging
 
 
-def prepare(cfg: "DataConfig", tokenizer: Any, *, batch_size: int, seed: int) -> Prepared:
-    """Everything `python -m train` needs from its `data` config section."""
+def prepare(cfg: "DataConfig", tokenizer: Any, *, batch_size: int, seed: int,
+            share: Share = Share()) -> Prepared:
+    """Everything `python -m train` needs from its `data` config section.
+    With several processes, each tokenizes only its `share` (see
+    `SharedExamples`); the batches are the same for every process count."""
     splits = load_splits(cfg.path, val_set_size=cfg.val_set_size,
                          embedded_train_size=cfg.embedded_train_size,
                          embedded_test_size=cfg.embedded_test_size)
     kw = dict(template=cfg.template, cutoff_len=cfg.cutoff_len,
               train_on_inputs=cfg.train_on_inputs)
-    train, val = tokenize(splits.train, tokenizer, **kw), tokenize(splits.val, tokenizer, **kw)
+    train = tokenize_shared(splits.train, tokenizer, share, **kw)
+    val = tokenize_shared(splits.val, tokenizer, share, **kw)
     # An example whose prompt fills cutoff_len has no target token: it would add
     # nothing to the loss, so it is dropped, counted and reported.
-    kept = [e for e in train.examples if e.prompt_len < len(e.tokens)]
-    if not kept:
-        raise ValueError(f"all {len(train.examples)} training examples are cut off before "
+    ex = train.examples
+    kept = np.flatnonzero(ex.prompt_lens < ex.lengths)
+    if not len(kept):
+        raise ValueError(f"all {len(ex)} training examples are cut off before "
                          f"their answer by cutoff_len={cfg.cutoff_len} (the prompt alone fills "
                          "it); raise data.cutoff_len or set data.train_on_inputs=true")
-    train = train._replace(examples=kept)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
     buckets = bucket_sizes(cfg.cutoff_len)
-    batches = TrainBatches(train.examples, batch_size, seed=seed, buckets=buckets, pad_id=pad_id)
+    batches = TrainBatches(ex.subset(kept), batch_size, seed=seed, buckets=buckets,
+                           pad_id=pad_id)
     info = {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
             "buckets": buckets, "steps_per_epoch": batches.steps_per_epoch,
             "loss_window": loss_window(train.examples + val.examples),

@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import math
+import os
 import pathlib
 import shutil
 import time
@@ -27,6 +28,7 @@ from flax_adapters.checkpoints import default_model_path, load_pretrained
 from flax_adapters.generate import GenerationConfig, generate
 from flax_adapters.models import LlamaForCausalLM, logical_axes
 from train import data as data_lib
+from train import distributed
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, to_dict
 from train.report import write_report
@@ -95,7 +97,9 @@ def build(cfg: TrainConfig, devices=None) -> Setup:
                        trainable, opt_state)
     state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
     prepared = data_lib.prepare(cfg.data, pre.tokenizer, batch_size=cfg.batch_size,
-                                seed=cfg.seed)
+                                seed=cfg.seed, share=data_lib.Share(
+                                    jax.process_index(), jax.process_count(),
+                                    distributed.gather))
     return Setup(model, pre.tokenizer, adapter_cfg, model_type, mesh, frozen, state, state_sh,
                  frozen_sh, prepared)
 
@@ -172,9 +176,9 @@ def validation_loss(s: Setup, eval_fn, batch_sh, cfg: TrainConfig, trainable) ->
     buckets = s.prepared.info["buckets"]
     pad = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None \
         else s.tokenizer.eos_token_id
+    rows = distributed.process_rows(batch_sh, 1, cfg.micro_batch_size)
     for batch in data_lib.eval_batches(s.prepared.val, cfg.micro_batch_size, buckets=buckets,
-                                       pad_id=pad, process_index=jax.process_index(),
-                                       process_count=jax.process_count()):
+                                       pad_id=pad, rows=rows):
         out = eval_fn(trainable, s.frozen, _to_global(batch, 1, batch_sh))
         total, count = total + float(out["loss_sum"]), count + float(out["tokens"])
     return total / max(count, 1.0)
@@ -217,11 +221,13 @@ def heldout_accuracy(s: Setup, cfg: TrainConfig, trainable, desc: str) -> dict:
 
 def _check_output_dir(out: pathlib.Path, resume: bool, overwrite: bool) -> None:
     existing = out.exists() and any(out.iterdir())
+    distributed.barrier("output_dir looked at")  # by all, before process 0 deletes or writes
     if existing and not (resume or overwrite):
         raise TrainingError(f"output_dir {out} already holds a run; pass --resume to continue "
                             "it, --overwrite to replace it, or choose another output_dir")
     if existing and overwrite and not resume and _is_primary():
         shutil.rmtree(out)
+    distributed.barrier("output_dir cleared")
 
 
 def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
@@ -235,6 +241,7 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     log.info("model: %s, %s", s.model_type, tree.trainable_report(
         tree.combine(s.frozen, s.state.trainable)))
     out.mkdir(parents=True, exist_ok=True)
+    distributed.check_shared_directory(out)
     ckpt = Checkpointer(out / "checkpoints", cfg.keep_checkpoints)
     accum = cfg.batch_size // cfg.micro_batch_size
     step_fn, eval_fn, batch_sh = compile_steps(s, cfg)
@@ -246,10 +253,12 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         start = ckpt.latest_step()
         state, meta = ckpt.restore(start, state)
         log.info("resumed from step %d (%s)", start, ckpt.directory / str(start))
-        _truncate_metrics(metrics_path, start)
+        if _is_primary():
+            _truncate_metrics(metrics_path, start)
     elif resume:
         log.info("--resume: no checkpoint in %s, starting from step 0", ckpt.directory)
-        metrics_path.unlink(missing_ok=True)
+        if _is_primary():
+            metrics_path.unlink(missing_ok=True)
 
     before = None
     if start == 0 and cfg.eval_generate:
@@ -263,9 +272,10 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     # tracing and XLA compilation (reported once as compile_s).
     tokens_seen, t0, rate = 0.0, time.perf_counter(), float("nan")
     last = {}
-    with open(metrics_path, "a") as mfile:
+    rows = distributed.process_rows(batch_sh, accum, cfg.micro_batch_size)
+    with open(metrics_path if _is_primary() else os.devnull, "a") as mfile:
         for step in range(start, cfg.steps):
-            batch = s.prepared.train.batch_at(step, jax.process_index(), jax.process_count())
+            batch = s.prepared.train.batch_at(step, rows)
             state, metrics = step_fn(state, s.frozen, _to_global(batch, accum, batch_sh), key)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not metrics["finite"]:
@@ -290,7 +300,8 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
                 mfile.flush()
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:.0f}")
             bar.update(1)
-            if cfg.log_every and done % cfg.log_every == 0 or "val_loss" in record:
+            if (cfg.log_every and done % cfg.log_every == 0 or "val_loss" in record) and \
+                    _is_primary():
                 bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in record.items()))
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 or done == cfg.steps:
@@ -302,8 +313,9 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
 
     after = heldout_accuracy(s, cfg, state.trainable, "held-out accuracy after") \
         if cfg.eval_generate else None
-    final = tree.combine(s.frozen, state.trainable)
+    final = tree.combine(s.frozen, distributed.host_copy(state.trainable, s.mesh))
     summary = write_report(out, cfg, s, final, before, after, last)
+    distributed.barrier("report written")  # nobody exits while process 0 still writes
     return summary
 
 
