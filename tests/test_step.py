@@ -36,12 +36,16 @@ def examples(seed=0):
     return out
 
 
+def window_of(ex, multiple):
+    return data.loss_window(np.array([len(e.tokens) for e in ex]),
+                            np.array([e.prompt_len for e in ex]), multiple)
+
+
 def test_window_bound_covers_every_row():
     ex = examples()
-    w = data.loss_window(ex, multiple=1)
     b = data.collate(ex, 24, pad_id=0)["loss_mask"]
-    assert w == b.sum(axis=1).max() == 23  # the prompt_len 0 row: 23 counted positions
-    assert data.loss_window(ex[:2], multiple=8) == 8  # spans 4 and 6, rounded up
+    assert window_of(ex, 1) == b.sum(axis=1).max() == 23  # prompt_len 0: 23 counted positions
+    assert window_of(ex[:2], 8) == 8  # spans 4 and 6, rounded up
 
 
 @pytest.mark.parametrize("window", [1, 8, 23])

@@ -296,11 +296,13 @@ def bucket_sizes(cutoff_len: int, smallest: int = 32) -> tuple[int, ...]:
     return (*sizes, cutoff_len)
 
 
-def loss_window(examples: Sequence[Example], multiple: int = 8) -> int:
-    """An upper bound on the counted (loss) positions of any row: the train
-    step computes logits only for a window this long (see `train.step.token_loss`).
-    Rounded up to `multiple` so that near-equal datasets share a compiled step."""
-    span = max((len(e.tokens) - max(e.prompt_len, 1) for e in examples), default=1)
+def loss_window(lengths: np.ndarray, prompt_lens: np.ndarray, multiple: int = 8) -> int:
+    """An upper bound on the counted (loss) positions of any row, given the
+    examples' token and prompt lengths: the train step computes logits only
+    for a window this long (see `train.step.token_loss`). Rounded up to
+    `multiple` so that near-equal datasets share a compiled step."""
+    spans = np.asarray(lengths) - np.maximum(np.asarray(prompt_lens), 1)
+    span = int(spans.max()) if spans.size else 1
     return -(-max(span, 1) // multiple) * multiple
 
 
@@ -548,7 +550,9 @@ def prepare(cfg: "DataConfig", tokenizer: Any, *, batch_size: int, seed: int,
                            pad_id=pad_id)
     info = {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
             "buckets": buckets, "steps_per_epoch": batches.steps_per_epoch,
-            "loss_window": loss_window(train.examples + val.examples),
+            "loss_window": loss_window(
+                np.concatenate([ex.lengths, val.examples.lengths]),
+                np.concatenate([ex.prompt_lens, val.examples.prompt_lens])),
             "truncated": train.truncated + val.truncated,
             "no_target": train.no_target + val.no_target,
             "prefix_mismatches": train.prefix_mismatches + val.prefix_mismatches}
