@@ -3,6 +3,10 @@
 With no arguments: SmolLM2-135M-Instruct (the embedded default model) + LoRA
 on the embedded arithmetic word problems, then held-out accuracy before and
 after. `--help` lists every config field.
+
+Exit status: 0 done; 1 the run failed (the message says why and what was
+kept); 2 bad config or command line; 128 + N stopped by signal N (143 for
+SIGTERM, 130 for SIGINT) after checkpointing: rerun with --resume.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in output_dir from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing run in output_dir")
+                        help="replace an existing run in output_dir (deleted only once the "
+                        "new run has loaded its model and data)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
     args = parser.parse_args(argv)
 
@@ -35,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = config_lib.load(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -51,10 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_default_matmul_precision", "highest")
 
     from train.loop import TrainingError, run
+    from train.preempt import Preempted
 
     try:
         run(cfg, resume=args.resume, overwrite=args.overwrite)
-    except (TrainingError, ValueError, FileNotFoundError) as e:
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # outside the training loop, or a second Ctrl-C
+        print("interrupted: the last complete checkpoint (if any) is intact; rerun with "
+              "--resume", file=sys.stderr)
+        return 130
+    except (TrainingError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
