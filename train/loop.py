@@ -292,7 +292,8 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
                disable=not _is_primary(), dynamic_ncols=True)
     tokens_seen, t0 = 0.0, time.perf_counter()
     done = saved = start
-    with preempt.Guard() as guard, open(metrics_path, "a") as mfile:
+    # `bar` in the with: an exception closes it before the CLI prints the error line.
+    with preempt.Guard() as guard, open(metrics_path, "a") as mfile, bar:
         for step in range(start, cfg.steps):
             if guard.stop_requested():
                 break
@@ -335,11 +336,9 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         if guard.stop_requested():
             if saved != done:
                 _save(ckpt, done, state, cfg)
-            bar.close()
             ckpt.close()
             raise guard.preempted(f"saved step {done} in {ckpt.directory / str(done)}" if done
                                   else "no step had finished, so there was nothing to save")
-    bar.close()
     ckpt.close()
 
     after = heldout_accuracy(s, cfg, state.trainable, "held-out accuracy after") \
