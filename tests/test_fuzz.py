@@ -605,7 +605,7 @@ def _orbax_files(root):
                   if p.is_file())
 
 
-CORRUPTIONS = ["trunc", "flip", "zero", "garbage", "delete"]
+CORRUPTIONS = ["trunc", "flip", "delete"]
 
 
 ORBAX_DIR_CASES = ["empty_step_dir", "no_state_dir", "no_meta_dir", "state_is_file",
@@ -649,10 +649,6 @@ def test_corrupted_training_checkpoint(tmp_path, saved_run, caplog, mode):
             b = bytearray(data)
             b[len(b) // 2] ^= 0x10
             f.write_bytes(bytes(b))
-        elif mode == "zero":
-            f.write_bytes(bytes(len(data)))
-        elif mode == "garbage":
-            f.write_bytes(b"\x00garbage\xff" * 3)
         else:
             f.unlink()
         if _restore_checks(root, caplog) == 1:

@@ -191,12 +191,12 @@ def test_resume_after_the_newest_checkpoint_rotted(model_dir, tmp_path, finished
     the run resumes from step 3 to the same losses and adapter."""
     out = tmp_path / "run"
     shutil.copytree(finished, out)
-    data_files = sorted((out / "checkpoints" / "4" / "state").rglob("d/*"),
-                        key=lambda p: p.stat().st_size)
-    f = data_files[-1]
-    raw = bytearray(f.read_bytes())
-    raw[len(raw) // 2] ^= 0x01
-    f.write_bytes(bytes(raw))
+    # One byte in the middle of each array data file (orbax keeps two copies
+    # of the OCDBT data; which one it reads is its business).
+    for f in (out / "checkpoints" / "4" / "state").rglob("d/*"):
+        raw = bytearray(f.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        f.write_bytes(bytes(raw))
     (out / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text() + '{"step": 5, "lo')
     with caplog.at_level("WARNING"):
         run(cfg_for(model_dir, out), resume=True, devices=one_device())

@@ -296,7 +296,10 @@ def help_text(cls: type = TrainConfig, prefix: str = "") -> str:
         else:
             name = ("|".join(map(str, typing.get_args(tp))) if typing.get_origin(tp) is Literal
                     else getattr(tp, "__name__", str(tp).replace("typing.", "")))
-            lines.append(f"  {prefix}{f.name}={default!r}  ({name})  {f.metadata.get('doc', '')}")
+            bounds = "".join(f", {_BOUNDS[k][1]} {v}" for k, v in
+                             f.metadata.get("bounds", {}).items())
+            lines.append(f"  {prefix}{f.name}={default!r}  ({name}{bounds})  "
+                         f"{f.metadata.get('doc', '')}")
     return "\n".join(lines)
 
 
