@@ -8,6 +8,10 @@ Several hosts: run the same command on every host. TPU pod slices and SLURM
 job steps are detected; elsewhere pass --coordinator_address,
 --num_processes and --process_id (train/distributed.py). For a local test:
 `python -m train.launch --num_processes 2 -- ...`.
+
+Exit status: 0 done; 1 the run failed (the message says why and what was
+kept); 2 bad config or command line; 128 + N stopped by signal N (143 for
+SIGTERM, 130 for SIGINT) after checkpointing: rerun with --resume.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in output_dir from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing run in output_dir")
+                        help="replace an existing run in output_dir (deleted only once the "
+                        "new run has loaded its model and data)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
     multi = parser.add_argument_group(
         "several processes", "detected on TPU pod slices and in SLURM job steps; elsewhere "
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = config_lib.load(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -82,10 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_default_matmul_precision", "highest")
 
     from train.loop import TrainingError, run
+    from train.preempt import Preempted
 
     try:
         run(cfg, resume=args.resume, overwrite=args.overwrite)
-    except (TrainingError, ValueError, FileNotFoundError) as e:
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        distributed.stop()
+        return e.exit_code
+    except KeyboardInterrupt:  # outside the training loop, or a second Ctrl-C
+        print("interrupted: the last complete checkpoint (if any) is intact; rerun with "
+              "--resume", file=sys.stderr)
+        return 130
+    except (TrainingError, ValueError, OSError) as e:
         return distributed.fail(f"error: {e}")
     except BaseException as e:
         if not distributed.is_multiprocess():

@@ -3,7 +3,8 @@
 Follows LLM-Adapters' finetune.py (AGI-Edgerunners/LLM-Adapters), which took it
 from tloen/alpaca-lora:
   * records are `{"instruction", "input", "output"[, "answer"]}`, read with
-    `datasets.load_dataset("json", data_files=...)` or by hub name;
+    `datasets.load_dataset("json", data_files=...)` or by hub name (we parse
+    local files with Python's json instead: see `_load_json`);
   * `generate_prompt` puts them in the Alpaca template; the prompt is
     tokenized with the output as ONE string, truncated to `cutoff_len`
     (default 256), and EOS is appended unless the text was truncated;
@@ -52,6 +53,7 @@ The train step computes `xent(logits[:, :-1], tokens[:, 1:])` weighted by
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
@@ -430,27 +432,42 @@ def _check_records(records: list[Record], where: str) -> list[Record]:
                 raise ValueError(f"{where}: record {i} has no string {key!r} (its fields: "
                                  f"{fields}); expected LLM-Adapters records "
                                  f"{{instruction, input, output[, answer]}}")
+        if r.get("input") is not None and not isinstance(r["input"], str):
+            raise ValueError(f"{where}: record {i} has an 'input' of type "
+                             f"{type(r['input']).__name__}; it must be a string (or absent)")
     return [{**r, "input": r.get("input") or ""} for r in records]
 
 
 def _load_json(path: pathlib.Path) -> list[Record]:
-    import datasets  # heavy import, only when a file is read
+    """A JSON list of records, or JSON lines (one record per line).
 
+    Parsed with Python's json rather than `load_dataset("json")` as
+    LLM-Adapters does: the records are the same, but pyarrow's JSON reader
+    (under datasets) segfaults on deeply nested input (measured: 100,000
+    brackets), taking the whole run down with no message."""
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise FileNotFoundError(f"data file {path} does not exist" if not path.exists() else
+                                f"data path {path} is not a file; pass an LLM-Adapters .json")
+    line = 0  # of the JSON line being parsed; 0 for a whole-file document
     try:
-        ds = datasets.load_dataset("json", data_files=str(path), split="train")
-    except Exception as e:  # noqa: BLE001 -- explain in one line, below
-        try:
-            json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as bad:
-            raise ValueError(f"{path}: invalid JSON ({bad.msg} at line {bad.lineno}, column "
-                             f"{bad.colno})") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"{path}: not UTF-8 text") from None
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path}: not a JSON list of records ({first})") from None
-    return _check_records(ds.to_list(), str(path))
+        text = path.read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):
+            records = json.loads(text)
+        else:
+            records = []
+            for line, content in enumerate(text.splitlines(), 1):
+                if content.strip():
+                    records.append(json.loads(content))
+    except json.JSONDecodeError as bad:
+        raise ValueError(f"{path}: invalid JSON ({bad.msg} at line {line or bad.lineno}, "
+                         f"column {bad.colno})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to be a list of records") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: not a JSON list of records (got {type(records).__name__})")
+    return _check_records(records, str(path))
 
 
 def _load_hub(name: str) -> list[Record]:
@@ -497,9 +514,12 @@ def split_validation(records: list[Record], val_set_size: int,
                          f"({len(records)} records)")
     import datasets
 
-    parts = datasets.Dataset.from_list(records).train_test_split(
+    # Split row numbers, not the records: the permutation depends only on the
+    # count and the seed, and pyarrow would refuse records whose fields mix
+    # types (an `answer` that is "3" in one record and 3 in the next).
+    parts = datasets.Dataset.from_dict({"i": list(range(len(records)))}).train_test_split(
         test_size=val_set_size, shuffle=True, seed=seed, keep_in_memory=True)
-    return parts["train"].to_list(), parts["test"].to_list()
+    return [records[i] for i in parts["train"]["i"]], [records[i] for i in parts["test"]["i"]]
 
 
 class Splits(NamedTuple):
@@ -512,7 +532,10 @@ def load_splits(path: str, *, val_set_size: int, embedded_train_size: int = 2000
                 embedded_test_size: int = 64) -> Splits:
     records, test = load_records(path, embedded_train_size=embedded_train_size,
                                  embedded_test_size=embedded_test_size)
-    train, val = split_validation(records, val_set_size)
+    try:
+        train, val = split_validation(records, val_set_size)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return Splits(train, val, test or val)
 
 
@@ -548,7 +571,11 @@ def prepare(cfg: "DataConfig", tokenizer: Any, *, batch_size: int, seed: int,
     buckets = bucket_sizes(cfg.cutoff_len)
     batches = TrainBatches(ex.subset(kept), batch_size, seed=seed, buckets=buckets,
                            pad_id=pad_id)
-    info = {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
+    # The held-out accuracy scores numbers (LLM-Adapters' math rule): records
+    # without a numeric `answer` (commonsense labels, none at all) are not scored.
+    test = [r for r in splits.test if _is_number(r.get("answer"))]
+    info = {"train": len(splits.train), "val": len(splits.val), "test": len(test),
+            "test_unscored": len(splits.test) - len(test),
             "buckets": buckets, "steps_per_epoch": batches.steps_per_epoch,
             "loss_window": loss_window(
                 np.concatenate([ex.lengths, val.examples.lengths]),
@@ -556,4 +583,13 @@ def prepare(cfg: "DataConfig", tokenizer: Any, *, batch_size: int, seed: int,
             "truncated": train.truncated + val.truncated,
             "no_target": train.no_target + val.no_target,
             "prefix_mismatches": train.prefix_mismatches + val.prefix_mismatches}
-    return Prepared(batches, val.examples, splits.test, info)
+    return Prepared(batches, val.examples, test, info)
+
+
+def _is_number(answer: Any) -> bool:
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        return False
+    try:
+        return math.isfinite(float(answer))
+    except ValueError:
+        return False

@@ -25,14 +25,16 @@ from tqdm.auto import tqdm
 from flax_adapters import sharding
 from flax_adapters.adapters import api, axes, tree
 from flax_adapters.checkpoints import default_model_path, load_pretrained
+from flax_adapters.checkpoints.atomic import write_text_atomically
 from flax_adapters.generate import GenerationConfig, generate
 from flax_adapters.models import LlamaForCausalLM, logical_axes
 from train import data as data_lib
 from train import distributed
+from train import preempt
 from train.checkpoint import Checkpointer
-from train.config import TrainConfig, to_dict
-from train.report import write_report
-from train.step import TrainState, eval_step, make_optimizer, train_step
+from train.config import TrainConfig, resume_mismatches, to_dict
+from train.report import read_heldout, write_heldout, write_report
+from train.step import TrainState, eval_step, make_optimizer, nonfinite_verdict, train_step
 
 log = logging.getLogger("train")
 
@@ -219,23 +221,52 @@ def heldout_accuracy(s: Setup, cfg: TrainConfig, trainable, desc: str) -> dict:
             "examples": examples}
 
 
-def _check_output_dir(out: pathlib.Path, resume: bool, overwrite: bool) -> None:
+def _check_output_dir(out: pathlib.Path, resume: bool, overwrite: bool) -> bool:
+    """Whether `out` holds a run that --overwrite will replace. Nothing is
+    deleted here: `run` clears it only once the new run has been built (config,
+    model, data all good), so a mistyped command never costs the old run."""
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"output_dir {out} is a file; choose a directory")
     existing = out.exists() and any(out.iterdir())
     distributed.barrier("output_dir looked at")  # by all, before process 0 deletes or writes
     if existing and not (resume or overwrite):
         raise TrainingError(f"output_dir {out} already holds a run; pass --resume to continue "
                             "it, --overwrite to replace it, or choose another output_dir")
-    if existing and overwrite and not resume and _is_primary():
-        shutil.rmtree(out)
-    distributed.barrier("output_dir cleared")
+    return existing and overwrite and not resume
+
+
+def _clear(out: pathlib.Path) -> None:
+    """Renames, then deletes: if interrupted, the old run is whole under the
+    other name rather than half-deleted in the new run's directory."""
+    if _is_primary():
+        trash = out.with_name(f".{out.name}.replaced-{time.time_ns()}")
+        out.rename(trash)
+        shutil.rmtree(trash)
+
+
+def _check_resumable(cfg: TrainConfig, meta: dict) -> None:
+    changed = resume_mismatches(meta.get("config", {}), to_dict(cfg))
+    if changed:
+        raise TrainingError(
+            f"--resume: the checkpoints in {cfg.output_dir} were written under a different "
+            f"config ({'; '.join(changed)}); resume with the config the run started with, "
+            "or pass --overwrite or another output_dir to start a new run")
+
+
+def _save(ckpt: Checkpointer, done: int, state: TrainState, cfg: TrainConfig) -> None:
+    ckpt.save(done, state, {"step": done, "seed": cfg.seed, "data_position": done,
+                            "config": to_dict(cfg)})
 
 
 def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
         devices=None) -> dict:
     """Trains as `cfg` says on `devices` (default: all); returns the summary."""
     out = pathlib.Path(cfg.output_dir)
-    _check_output_dir(out, resume, overwrite)
+    replace = _check_output_dir(out, resume, overwrite)
     s = build(cfg, devices)
+    if replace:
+        _clear(out)
+    distributed.barrier("output_dir cleared")  # before any process writes into it
     info = s.prepared.info
     log.info("data: %s", json.dumps(info))
     log.info("model: %s, %s", s.model_type, tree.trainable_report(
@@ -247,22 +278,24 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     step_fn, eval_fn, batch_sh = compile_steps(s, cfg)
     key = jax.random.key(cfg.seed)
 
-    state, start = s.state, 0
+    state, start, last, before = s.state, 0, {}, None
     metrics_path = out / "metrics.jsonl"
-    if resume and ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
-        state, meta = ckpt.restore(start, state)
+    found = ckpt.restore_latest(state, functools.partial(_check_resumable, cfg)) \
+        if resume else None
+    if found:
+        start, state, _ = found
         log.info("resumed from step %d (%s)", start, ckpt.directory / str(start))
         if _is_primary():
-            _truncate_metrics(metrics_path, start)
+            last = _truncate_metrics(metrics_path, start)
+        before = read_heldout(out, "before")
     elif resume:
         log.info("--resume: no checkpoint in %s, starting from step 0", ckpt.directory)
         if _is_primary():
             metrics_path.unlink(missing_ok=True)
 
-    before = None
     if start == 0 and cfg.eval_generate:
         before = heldout_accuracy(s, cfg, state.trainable, "held-out accuracy before")
+        write_heldout(out, "before", before)
         log.info("held-out accuracy before training: %d/%d = %.1f%%", before["correct"],
                  before["n"], 100 * before["accuracy"])
 
@@ -271,21 +304,19 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     # tokens/s counts the steps after this process's first, whose time is mostly
     # tracing and XLA compilation (reported once as compile_s).
     tokens_seen, t0, rate = 0.0, time.perf_counter(), float("nan")
-    last = {}
+    done = saved = start
     rows = distributed.process_rows(batch_sh, accum, cfg.micro_batch_size)
-    with open(metrics_path if _is_primary() else os.devnull, "a") as mfile:
+    # `bar` in the with: an exception closes it before the CLI prints the error line.
+    with preempt.Guard() as guard, \
+            open(metrics_path if _is_primary() else os.devnull, "a") as mfile, bar:
         for step in range(start, cfg.steps):
+            if guard.stop_requested():
+                break
             batch = s.prepared.train.batch_at(step, rows)
             state, metrics = step_fn(state, s.frozen, _to_global(batch, accum, batch_sh), key)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not metrics["finite"]:
-                kept = ckpt.latest_step()
-                raise TrainingError(
-                    f"non-finite loss or gradient at step {step + 1}; the update was skipped "
-                    f"and training stopped. Last good checkpoint: "
-                    f"{'none' if kept is None else ckpt.directory / str(kept)}. Lower optim.lr "
-                    "or check the data")
-            record = {"step": step + 1, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}
+            record = {"step": step + 1, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                      "skipped": int(metrics["nonfinite_total"])}
             if step == start:
                 record["compile_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -298,17 +329,35 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
             if _is_primary():
                 mfile.write(json.dumps(record) + "\n")
                 mfile.flush()
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:.0f}")
+            stop = nonfinite_verdict(metrics, done, cfg.optim.nonfinite,
+                                     cfg.optim.max_consecutive_nonfinite)
+            if stop:
+                kept = ckpt.latest_step()
+                raise TrainingError(
+                    f"{stop}; no non-finite update was applied and training stopped. Last good "
+                    f"checkpoint: {'none' if kept is None else ckpt.directory / str(kept)}. "
+                    "Lower optim.lr or check the data")
+            if not metrics["finite"]:
+                bar.write(f"step {done}: non-finite loss or gradient; update skipped "
+                          f"({int(metrics['nonfinite_in_a_row'])} in a row, "
+                          f"{record['skipped']} in all)")
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:.0f}",
+                            **({"skipped": record["skipped"]} if record["skipped"] else {}))
             bar.update(1)
             if (cfg.log_every and done % cfg.log_every == 0 or "val_loss" in record) and \
                     _is_primary():
                 bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in record.items()))
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                ckpt.save(done, state, {"step": done, "seed": cfg.seed,
-                                        "data_position": done, "config": to_dict(cfg)})
+                _save(ckpt, done, state, cfg)
+                saved = done
             last = record
-    bar.close()
+        if guard.stop_requested():
+            if saved != done:
+                _save(ckpt, done, state, cfg)
+            ckpt.close()
+            raise guard.preempted(f"saved step {done} in {ckpt.directory / str(done)}" if done
+                                  else "no step had finished, so there was nothing to save")
     ckpt.close()
 
     after = heldout_accuracy(s, cfg, state.trainable, "held-out accuracy after") \
@@ -319,10 +368,19 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     return summary
 
 
-def _truncate_metrics(path: pathlib.Path, step: int) -> None:
-    """Drops metric lines past the restored step (they will be recomputed)."""
+def _truncate_metrics(path: pathlib.Path, step: int) -> dict:
+    """Drops metric lines past the restored step (they will be recomputed) and
+    a line torn by a kill; returns the last line kept ({} if none)."""
     if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines()
-             if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in lines))
+        return {}
+    rows = []
+    for ln in path.read_text().splitlines():
+        if not ln.strip():
+            continue
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError:
+            log.warning("%s: dropping a torn line (the run was killed while writing it)", path)
+    rows = [r for r in rows if isinstance(r, dict) and r.get("step", step + 1) <= step]
+    write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows[-1] if rows else {}

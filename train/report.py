@@ -9,6 +9,8 @@ from typing import Any
 
 import jax
 
+from flax_adapters.checkpoints.atomic import write_text_atomically
+
 
 def export_adapter(tree: dict, adapter_cfg: Any, out_dir: pathlib.Path, base: str,
                    model_type: str) -> pathlib.Path:
@@ -47,6 +49,26 @@ def plot_losses(metrics_path: pathlib.Path, png: pathlib.Path) -> None:
     tmp.replace(png)
 
 
+def write_heldout(out: pathlib.Path, name: str, res: dict) -> None:
+    """heldout_{name}.jsonl: one scored generation per line. Written as soon as
+    it is known, so a resumed run reports the accuracy before training too."""
+    if jax.process_index() == 0:
+        write_text_atomically(out / f"heldout_{name}.jsonl",
+                              "".join(json.dumps(ex) + "\n" for ex in res["examples"]))
+
+
+def read_heldout(out: pathlib.Path, name: str) -> dict | None:
+    """What `write_heldout` wrote, as `heldout_accuracy` returned it; None if absent."""
+    path = out / f"heldout_{name}.jsonl"
+    if not path.exists():
+        return None
+    examples = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    correct = sum(ex["correct"] for ex in examples)
+    return {"n": len(examples), "correct": correct,
+            "accuracy": correct / len(examples) if examples else float("nan"),
+            "examples": examples}
+
+
 def write_report(out: pathlib.Path, cfg: Any, setup: Any, final_tree: dict,
                  before: dict | None, after: dict | None, last: dict) -> dict:
     summary: dict = {"output_dir": str(out), "steps": cfg.steps, "final": last,
@@ -63,15 +85,16 @@ def write_report(out: pathlib.Path, cfg: Any, setup: Any, final_tree: dict,
         if res is not None:
             summary[f"accuracy_{name}"] = res["accuracy"]
             lines.append(f"| {name} fine-tuning | {100 * res['accuracy']:.1f}% | {res['n']} |")
-            with open(out / f"heldout_{name}.jsonl", "w") as f:
-                for ex in res["examples"]:
-                    f.write(json.dumps(ex) + "\n")
+            write_heldout(out, name, res)
     table = "\n".join(lines)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "report.md").write_text(
+    skipped = last.get("skipped", 0)
+    summary["nonfinite_skipped"] = skipped
+    write_text_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomically(out / "report.md", (
         f"# Run {out}\n\nAdapter: {cfg.adapter.method}; data: {cfg.data.path}; steps: "
         f"{cfg.steps}; final loss {last.get('loss', float('nan')):.4f}"
-        f"{'; validation loss %.4f' % last['val_loss'] if 'val_loss' in last else ''}\n\n"
-        f"{table}\n\n![loss](loss.png)\n\nExported adapter: `{adapter_dir}`\n")
+        f"{'; validation loss %.4f' % last['val_loss'] if 'val_loss' in last else ''}"
+        f"{'; %d update(s) skipped for a non-finite loss or gradient' % skipped if skipped else ''}"
+        f"\n\n{table}\n\n![loss](loss.png)\n\nExported adapter: `{adapter_dir}`\n"))
     print("\n" + table + "\n")
     return summary

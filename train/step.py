@@ -32,8 +32,10 @@ class TrainState(NamedTuple):
 def make_optimizer(lr: float, steps: int, warmup_steps: int, schedule: str, weight_decay: float,
                    b1: float, b2: float, max_grad_norm: float) -> optax.GradientTransformation:
     """AdamW with warmup then linear/cosine/constant decay and norm clipping.
-    Non-finite gradients skip the update (counted in the state) instead of
-    poisoning the adapter."""
+    Non-finite gradients skip the update (counted in the state, so the counts
+    survive a resume) instead of poisoning the adapter. optax would apply the
+    update anyway after `max_consecutive_errors`; the loop's policy
+    (`nonfinite_verdict`) stops long before, so that limit is never reached."""
     warmup = min(warmup_steps, max(steps - 1, 0))
     if schedule == "cosine":
         sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, 2))
@@ -44,7 +46,7 @@ def make_optimizer(lr: float, steps: int, warmup_steps: int, schedule: str, weig
              optax.linear_schedule(lr, end, max(steps - warmup, 1))], [warmup])
     chain = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else []
     chain.append(optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay))
-    return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=1_000_000)
+    return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=2**31 - 1)
 
 
 def token_loss(model, params: dict, tokens_bt, valid_bt, loss_mask_bt, key, deterministic,
@@ -105,12 +107,33 @@ def train_step(state: TrainState, frozen: dict, batch: Batch, key: jax.Array, *,
         (jnp.arange(accum), batch["tokens"], batch["valid"], batch["loss_mask"]))
     count = jnp.maximum(count, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / count, grads)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+    # apply_if_finite judges the gradients only; a non-finite loss (or a norm
+    # that overflows) must not update either.
+    grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, jnp.nan), grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads),
-               "loss_tokens": count, "tokens": jnp.sum(batch["valid"]), "finite": jnp.isfinite(loss_sum) & jnp.isfinite(
-                   optax.tree.norm(grads))}
+    metrics = {"loss": loss_sum / count, "grad_norm": grad_norm,
+               "loss_tokens": count, "tokens": jnp.sum(batch["valid"]), "finite": finite,
+               "nonfinite_in_a_row": opt_state.notfinite_count,
+               "nonfinite_total": opt_state.total_notfinite}
     return TrainState(state.step + 1, trainable, opt_state), metrics
+
+
+def nonfinite_verdict(metrics: dict, step: int, policy: str, max_consecutive: int) -> str | None:
+    """Why the run must stop after `step` (1-based) under `policy` ("skip" or
+    "stop", optim.nonfinite), or None. The update of a non-finite step was
+    already skipped by the optimizer; this decides whether to go on."""
+    if metrics["finite"]:
+        return None
+    if policy == "stop":
+        return f"non-finite loss or gradient at step {step} (optim.nonfinite=stop)"
+    if metrics["nonfinite_in_a_row"] >= max_consecutive:
+        return (f"{int(metrics['nonfinite_in_a_row'])} steps in a row with a non-finite loss "
+                f"or gradient, up to step {step} (optim.nonfinite=skip stops after "
+                f"optim.max_consecutive_nonfinite={max_consecutive})")
+    return None
 
 
 def eval_step(trainable: dict, frozen: dict, batch: Batch, *, model,

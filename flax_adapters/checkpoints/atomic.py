@@ -36,3 +36,20 @@ def write_dir_atomically(out_dir: str | os.PathLike,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> pathlib.Path:
+    """Writes `text` to a temporary sibling of `path` and renames it into
+    place: a reader (or a run killed mid-write) sees the old file or the new
+    one, never a torn one."""
+    path = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

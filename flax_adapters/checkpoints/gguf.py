@@ -36,6 +36,8 @@ from typing import Any
 import gguf
 import numpy as np
 
+from flax_adapters.checkpoints.hf import check_layer_count
+
 SUPPORTED_ARCHITECTURES = ("llama",)
 
 _T = gguf.GGMLQuantizationType
@@ -92,7 +94,10 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], Any
                              "Face LLaMA model (mixture-of-experts and other variants of the "
                              "llama architecture are not supported)")
 
+    _check_layout(reader, path.name)
     config = _hf_config(meta, tensors, path.name)
+    check_layer_count(config["num_hidden_layers"], [n for n in names.values() if n],
+                      f"{path.name} (GGUF metadata llama.block_count)")
     heads = {"self_attn.q_proj": config["num_attention_heads"],
              "self_attn.k_proj": config["num_key_value_heads"]}
     state: dict[str, np.ndarray] = {}
@@ -125,6 +130,19 @@ def _open(path: pathlib.Path) -> gguf.GGUFReader:
     except Exception as e:  # noqa: BLE001 -- gguf-py raises assorted types on bad bytes
         raise ValueError(f"{path} is a truncated or corrupt GGUF file ({type(e).__name__}: {e}); "
                          "re-download or re-convert it") from e
+
+
+def _check_layout(reader: gguf.GGUFReader, file: str) -> None:
+    """Tensor data must start on the file's alignment and not overlap (as
+    llama.cpp's gguf_init checks); gguf-py reads any offset it is given."""
+    spans = sorted((t.data_offset, t.data_offset + t.n_bytes, t.name) for t in reader.tensors)
+    end = reader.data_offset
+    for start, stop, name in spans:
+        if (start - reader.data_offset) % reader.alignment or start < end:
+            raise ValueError(f"{file}: tensor {name!r} starts at byte {start}, which is "
+                             f"{'not aligned' if start >= end else 'inside another tensor'}; "
+                             "the file is corrupt -- re-download or re-convert it")
+        end = stop
 
 
 def _hf_name(gguf_name: str) -> str | None:
@@ -162,7 +180,12 @@ def _hf_config(meta: dict, tensors: dict, file: str) -> dict:
     def need(key):
         if key not in meta:
             raise ValueError(f"{file}: GGUF metadata lacks {key!r}; the file is incomplete")
-        return meta[key]
+        value = meta[key]
+        # Sizes come from here (and hidden // heads below): check them first.
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{file}: GGUF metadata {key!r} must be a positive integer, got "
+                             f"{value!r}; the file is corrupt")
+        return value
 
     def f32(key, default):
         # Metadata floats are float32: 1e-5 is stored as 9.99999974e-06; give
@@ -274,9 +297,14 @@ def _tokenizer(meta: dict):
         # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says not to.
         init_kwargs.setdefault("add_bos_token", True)
     tokens = tokenizer_dict["tokens"]
-    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
-        token_id = meta.get(f"tokenizer.ggml.{key}")
-        init_kwargs[name] = tokens[token_id] if token_id is not None else None
-    backend, extra = convert_gguf_tokenizer(meta["general.architecture"], tokenizer_dict)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **init_kwargs, **extra)
+    try:
+        for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                          ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+            token_id = meta.get(f"tokenizer.ggml.{key}")
+            init_kwargs[name] = tokens[token_id] if token_id is not None else None
+        backend, extra = convert_gguf_tokenizer(meta["general.architecture"], tokenizer_dict)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **init_kwargs, **extra)
+    except Exception as e:  # noqa: BLE001 -- the builders raise assorted types on bad metadata
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"the GGUF tokenizer metadata is corrupt ({type(e).__name__}: "
+                         f"{first}); re-download or re-convert the file") from None

