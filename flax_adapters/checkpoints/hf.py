@@ -3,7 +3,8 @@
 A directory holds `config.json`, weights as `model.safetensors` or shards
 listed in `model.safetensors.index.json`, and tokenizer files. Tensor names
 map one to one onto tree paths (`model.layers.3.mlp.up_proj.weight` <->
-`layers_3/mlp/up_proj/kernel`, transposed to (in, out)). Every expected
+`layers_3/mlp/up_proj/kernel`, transposed to (in, out)), through each model
+family's table of names (`HF_NAMES` in its file). Every expected
 tensor must be present with its shape; anything missing, unexpected or
 mis-shaped is an error naming it.
 """
@@ -21,69 +22,89 @@ import ml_dtypes
 import numpy as np
 
 from flax_adapters.checkpoints.safetensors_io import iter_tensors
-from flax_adapters.models.config import LlamaConfig
+from flax_adapters.models.registry import abstract_params, config_from_hf, family
 
-# Tensors some checkpoints carry that the model recomputes.
-_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+# Tensors some checkpoints carry that the model recomputes: rotary tables and
+# GPT-J's / GPT-NeoX's causal-mask buffers (`attn.bias`, `attention.masked_bias`).
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|\.(attn|attention)\.(masked_)?bias$")
 _PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# A module holding a `weight` that is a norm's scale, not a kernel: the names
+# the families use (input_layernorm, self_attn_layer_norm, norm, ln_1, ln_f, ...).
+_NORM = re.compile(r"(.*layer_?norm|norm|ln_\w+)")
+_SPECIAL = ("layers", "base_prefix", "aliases")
+
+# The family tables (`HF_NAMES` in each model file) map our top-level entries to
+# Hugging Face names: a bare leaf (embed_tokens, lm_head, ...) to its full tensor
+# name, a module (norm, ln_f, project_in, ...) to its module name; "layers" is
+# the prefix of the layer stack (`model.layers` + `.3` <-> `layers_3`),
+# "base_prefix" what checkpoints saved from the bare base model omit, and
+# "aliases" older names of tensors.
 
 
-def hf_name_to_path(name: str) -> tuple[tuple[str, ...], bool] | None:
+def _names(model_type: str) -> dict:
+    return family(model_type).hf_names
+
+
+def hf_name_to_path(name: str, model_type: str = "llama") -> tuple[tuple[str, ...], bool] | None:
     """'model.layers.0.self_attn.q_proj.weight' -> (('layers_0', 'self_attn',
     'q_proj', 'kernel'), transpose=True); None for names we do not know."""
-    if name == "model.embed_tokens.weight":
-        return ("embed_tokens",), False
-    if name == "lm_head.weight":
-        return ("lm_head",), True
-    if name == "model.norm.weight":
-        return ("norm", "scale"), False
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
-    if m is None:
+    names = _names(model_type)
+    for key, hf in names.items():
+        if key not in _SPECIAL and hf == name:  # a bare leaf: only the head is transposed
+            return (key,), key == "lm_head"
+    module, _, kind = name.rpartition(".")
+    if kind not in ("weight", "bias"):
         return None
-    layer, module, kind = m.groups()
-    parts = (f"layers_{layer}", *module.split("."))
-    if module.endswith("layernorm"):
+    m = re.fullmatch(re.escape(names["layers"]) + r"\.(\d+)\.(.+)", module)
+    if m is not None:
+        parts = (f"layers_{m.group(1)}", *m.group(2).split("."))
+    else:
+        top = [k for k, hf in names.items() if k not in _SPECIAL and hf == module]
+        if not top:
+            return None
+        parts = (top[0],)
+    if kind == "bias":
+        return (*parts, "bias"), False
+    if _NORM.fullmatch(parts[-1]):
         return (*parts, "scale"), False
-    return (*parts, "kernel" if kind == "weight" else "bias"), kind == "weight"
+    return (*parts, "kernel"), True
 
 
-def path_to_hf_name(path: tuple[str, ...]) -> str:
+def path_to_hf_name(path: tuple[str, ...], model_type: str = "llama") -> str:
     """Inverse of `hf_name_to_path` for base parameters."""
-    if path == ("embed_tokens",):
-        return "model.embed_tokens.weight"
-    if path == ("lm_head",):
-        return "lm_head.weight"
+    names = _names(model_type)
     head, *rest = path
+    if not rest:
+        return names[head]
     leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[rest[-1]]
-    if head == "norm":
-        return f"model.norm.{leaf}"
-    return ".".join(["model", "layers", head.removeprefix("layers_"), *rest[:-1], leaf])
+    if head.startswith("layers_"):
+        return ".".join([names["layers"], head.removeprefix("layers_"), *rest[:-1], leaf])
+    return ".".join([names[head], *rest[:-1], leaf])
 
 
-def abstract_params(cfg: LlamaConfig) -> dict:
-    """The base tree's shapes, without allocating (jax.eval_shape of init)."""
-    import flax.linen as nn
-    import jax.numpy as jnp
-
-    from flax_adapters.models.llama import LlamaForCausalLM
-
-    shapes = jax.eval_shape(lambda: LlamaForCausalLM(cfg).init(
-        jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-    return nn.unbox(shapes)["params"]
+def _canonical(name: str, names: dict, model_type: str) -> tuple[tuple[str, ...], bool] | None:
+    """`hf_name_to_path` of a tensor name, also under its family's aliases and
+    with the base-model prefix that checkpoints of the bare model omit."""
+    name = names.get("aliases", {}).get(name, name)
+    mapped = hf_name_to_path(name, model_type)
+    if mapped is None and not name.startswith(names["base_prefix"]):
+        mapped = hf_name_to_path(names["base_prefix"] + name, model_type)
+    return mapped
 
 
-def hf_state_to_params(cfg: LlamaConfig, state: Any, dtype: Any = np.float32) -> dict:
+def hf_state_to_params(cfg: Any, state: Any, dtype: Any = np.float32) -> dict:
     """Converts {hf_name: array (PyTorch layout)} (a dict or an iterable of
     pairs) into our nested dict of jax arrays of `dtype`."""
     expected = {tuple(k.key for k in path): leaf.shape for path, leaf in
                 jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
     dtype = np.dtype(ml_dtypes.bfloat16 if str(dtype) == "bfloat16" else dtype)
+    names = _names(cfg.model_type)
     params: dict = {}
     seen: set[tuple[str, ...]] = set()
     for name, arr in (state.items() if isinstance(state, dict) else state):
         if _IGNORED.search(name):
             continue
-        mapped = hf_name_to_path(name)
+        mapped = _canonical(name, names, cfg.model_type)
         if mapped is not None and mapped[0] == ("lm_head",) and cfg.tie_word_embeddings:
             continue  # tied: the head is the embedding matrix
         if mapped is None or mapped[0] not in expected:
@@ -104,7 +125,7 @@ def hf_state_to_params(cfg: LlamaConfig, state: Any, dtype: Any = np.float32) ->
     missing = sorted("/".join(p) for p in set(expected) - seen)
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. "
-                         f"{[path_to_hf_name(tuple(m.split('/'))) for m in missing[:3]]}")
+                         f"{[path_to_hf_name(tuple(m.split('/')), cfg.model_type) for m in missing[:3]]}")
     return params
 
 
@@ -133,14 +154,14 @@ def weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
 
 
 def load_hf_dir(directory: str | os.PathLike, dtype: Any = np.float32):
-    """(LlamaConfig, params, hf_config_dict) of a Hugging Face model directory."""
+    """(config, params, hf_config_dict) of a Hugging Face model directory."""
     directory = pathlib.Path(directory)
     config_file = directory / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{directory}: no config.json; expected a Hugging Face model "
                                 "directory (config.json + *.safetensors)")
     hf = json.loads(config_file.read_text())
-    cfg = LlamaConfig.from_hf(hf)
+    cfg = config_from_hf(hf)
 
     def tensors():
         for f in weight_files(directory):

