@@ -65,6 +65,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),  # GPT-NeoX-20B's; same formula
 }
 
 # LLM-Adapters' TRANSFORMERS_MODELS_TO_ADAPTER_TYPE_MAPPING for the families we model:
