@@ -38,20 +38,24 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 FAMILIES = ("bloom", "opt", "gptj", "gpt_neox")
 
 
-def hf_config(name: str, **overrides):
+def hf_config(name: str, layers: int | None = None, **overrides):
     import transformers
 
     cls, kwargs = VARIANTS[name]
+    if layers is not None:  # BLOOM and GPT-J spell it n_layer
+        kwargs = {**kwargs, "n_layer" if "n_layer" in kwargs else "num_hidden_layers": layers}
     return getattr(transformers, cls)(**{"vocab_size": VOCAB, **kwargs, **overrides})
 
 
-def save_tiny(path: pathlib.Path, name: str, seed: int = 0, **overrides):
+def save_tiny(path: pathlib.Path, name: str, seed: int = 0, layers: int | None = None,
+              **overrides):
     """Builds, perturbs and saves a tiny random model; returns the torch model."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(name, **overrides)).eval()
+    model = transformers.AutoModelForCausalLM.from_config(
+        hf_config(name, layers, **overrides)).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("bias") or "norm" in n or ".ln_" in n:
@@ -66,7 +70,10 @@ def make_model_dir(path: pathlib.Path, name: str, seed: int = 0) -> pathlib.Path
     from tiny import make_tokenizer
 
     tok = make_tokenizer()
+    kwargs = VARIANTS[name][1]
+    # Room for the longest training example (cutoff_len 256) in OPT's learned positions.
+    longer = {k: 256 for k in ("n_positions", "max_position_embeddings") if k in kwargs}
     save_tiny(path, name, seed, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-              pad_token_id=tok.pad_token_id, bos_token_id=None)
+              pad_token_id=tok.pad_token_id, bos_token_id=None, **longer)
     tok.save_pretrained(path)
     return path

@@ -96,11 +96,12 @@ def _peft_spec(spec: targeting.TargetSpec | None, chosen: list[str],
 def _our_spec(peft_spec: Any, found: list[str], candidates: list[str],
               all_linear: bool = False) -> targeting.TargetSpec:
     """Our spec selecting exactly the sites `found` (in a PEFT adapter) out
-    of `candidates`: PEFT's list of plain names when it means that, else
+    of `candidates`: PEFT's list of name suffixes when it means that, else
     "all-linear" when that is what was found (PEFT saves it expanded), else
     an exact regex."""
-    if isinstance(peft_spec, (list, tuple)) and all("." not in x for x in peft_spec):
-        names = tuple(sorted(peft_spec))
+    if isinstance(peft_spec, (list, tuple)):
+        # PEFT's suffixes end at a '.', ours at a '/': 'mlp.dense_4h_to_h' -> 'mlp/dense_4h_to_h'.
+        names = tuple(sorted(x.replace(".", "/") for x in peft_spec))
         if set(found) == {s for s in candidates
                           if any(s == x or s.endswith("/" + x) for x in names)}:
             return names
