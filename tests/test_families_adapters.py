@@ -7,6 +7,8 @@ prompt / prefix decodes through the KV cache as it computes in full.
 in test_families_peft.py.)
 """
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -132,3 +134,55 @@ def test_prompt_and_prefix_decode_through_the_cache(tiny, name, method):
     stepped = np.concatenate([np.asarray(p) for p in pieces], axis=1)
     valid = mask.astype(bool)
     np.testing.assert_allclose(stepped[valid], np.asarray(full)[valid], atol=1e-5)
+
+
+# LLM-Adapters' TRANSFORMERS_MODELS_TO_ADAPTER_TYPE_MAPPING (its peft/tuners/bottleneck.py);
+# gpt_neox is ours (LLM-Adapters has none): BLOOM's, the same module names.
+ADAPTER_TYPES = {
+    "bloom": {"dense_h_to_4h": "mh_adapter", "dense_4h_to_h": "output_adapter"},
+    "gptj": {"fc_in": "mh_adapter", "fc_out": "output_adapter"},
+    "opt": {"fc1": "mh_adapter", "fc2": "output_adapter"},
+    "gpt_neox": {"dense_h_to_4h": "mh_adapter", "dense_4h_to_h": "output_adapter"},
+}
+
+
+@pytest.mark.parametrize("kind", ["adapterh", "parallel"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_bottleneck_matches_llm_adapters_and_round_trips(tmp_path, name, kind):
+    """Our export, in LLM-Adapters' key names, loaded into transformers' model
+    wrapped with LLM-Adapters' bottleneck.Linear (test_adapters_bottleneck's
+    RefAdapterLinear): the same logits (1e-4, float32 as everywhere); and
+    importing the export gives back the tree."""
+    import torch
+    import transformers
+    from safetensors.numpy import load_file
+    from test_adapters_bottleneck import RefAdapterLinear
+
+    torch_model = save_tiny(tmp_path / "model", name, layers=1)
+    pre = load_pretrained(tmp_path / "model")
+    model_type = pre.config.model_type
+    cfg = bottleneck.BottleneckConfig(bottleneck_size=8, use_parallel_adapter=kind == "parallel",
+                                      non_linearity="gelu")  # "bert" init: not an identity
+    tree = api.inject(pre.params, cfg, jax.random.key(1), model_type)
+    # x10: N(0, 0.2) projections, so the adapters move these tiny models' logits visibly.
+    tree = jax.tree_util.tree_map_with_path(
+        lambda p, x: 10 * x if p[-1].key.startswith("adapter_") else x, tree)
+    out = bottleneck.export_bottleneck(tree, cfg, tmp_path / "export", model_type=model_type)
+    tensors = load_file(out / bottleneck.WEIGHTS_NAME)
+    for key in {k.rsplit(".adapter_", 1)[0].removeprefix("base_model.model.") for k in tensors}:
+        parent_name, module = key.rsplit(".", 1)
+        parent = torch_model.get_submodule(parent_name)
+        kind_ = "parallel_adapter" if cfg.use_parallel_adapter else ADAPTER_TYPES[model_type][module]
+        setattr(parent, module, RefAdapterLinear(
+            getattr(parent, module), kind_, tensors[f"base_model.model.{key}.adapter_down.weight"],
+            tensors[f"base_model.model.{key}.adapter_up.weight"], 1.0, "gelu"))
+    tokens, mask = padded_batch(VOCAB)
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.tensor(tokens),
+                          attention_mask=torch.tensor(mask)).logits.numpy()[mask.astype(bool)]
+    mine = forward(pre, cfg)(tree)
+    assert np.abs(mine - forward(pre, None)(pre.params)).max() > 1e-2
+    assert np.abs(mine - ref).max() <= 1e-4
+    back, cfg_back = bottleneck.import_bottleneck(out, pre.params, model_type)
+    chex.assert_trees_all_close(back, tree)
+    assert cfg_back == dataclasses.replace(cfg, target_modules=cfg_back.target_modules)

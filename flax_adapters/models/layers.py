@@ -1,5 +1,6 @@
-"""Layers shared by the model families: linear, RMSNorm, rotary embeddings,
-masks and grouped-query attention with an explicit KV cache.
+"""Layers shared by the model families: linear, RMSNorm, LayerNorm, rotary
+embeddings (half-split, GPT-J's interleaved, partial), ALiBi, masks and
+grouped-query attention (the KV cache and the layer stack: decoder.py).
 
 Axis legend: b batch, t query time, s key time, d model width, h query heads,
 k kv heads, g query heads per kv head, n head dim, f MLP width, v vocab.

@@ -14,6 +14,9 @@ otherwise. Parameter names mirror Hugging Face's
 `layers_3/self_attn/q_proj/kernel` transposed; `embed_positions` is
 `model.decoder.embed_positions.weight`).
 
+Positions past `max_position_embeddings` have no embedding: their logits
+come out NaN (transformers raises an IndexError there).
+
 Not modelled: OPT's dropout (0.1 in the published configs). The frozen base
 runs deterministically here, in training too; adapters apply their own
 dropout.
