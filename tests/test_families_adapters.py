@@ -186,3 +186,21 @@ def test_bottleneck_matches_llm_adapters_and_round_trips(tmp_path, name, kind):
     back, cfg_back = bottleneck.import_bottleneck(out, pre.params, model_type)
     chex.assert_trees_all_close(back, tree)
     assert cfg_back == dataclasses.replace(cfg, target_modules=cfg_back.target_modules)
+
+
+def test_a_misplaced_prefix_is_an_error_not_ignored(tiny):
+    """A bare prefix encoder materialized without its family's attention name
+    lands under LLaMA's `self_attn`, which BLOOM does not read: the model's
+    prefix site refuses to run without its prefix rather than shift the
+    positions for nothing. Named, it works."""
+    pre, _ = tiny("bloom")
+    cfg = METHODS["prefix_projection"][0]
+    frozen, encoder = split(api.inject(pre.params, cfg, jax.random.key(0), "bloom"))
+    tokens = jnp.zeros((1, 3), jnp.int32)
+    model = model_for(pre, cfg)
+    with pytest.raises(ValueError, match="holds no prefix_k"):
+        model.apply({"params": combine(frozen, prefix.materialize(encoder))}, tokens)
+    placed = combine(frozen, prefix.materialize(encoder, attention="self_attention"))
+    np.testing.assert_array_equal(
+        model.apply({"params": placed}, tokens)[0],
+        model.apply({"params": api.materialize(combine(frozen, encoder))}, tokens)[0])

@@ -92,3 +92,41 @@ def test_greedy_equals_transformers_generate(tiny, name):
     ours = generate(model, pre.params, PROMPTS, GenerationConfig(
         max_new_tokens=n_new, eos_token_ids=(), pad_token_id=pad))
     np.testing.assert_array_equal(ours, seqs[:, width:].numpy())
+
+
+@pytest.mark.parametrize("name, rename", [
+    # bigscience's BLOOM checkpoints are saved from the bare BloomModel: no "transformer.".
+    ("bloom", lambda k: k.removeprefix("transformer.")),
+    # OPT checkpoints saved from OPTModel: "decoder.layers..." without "model.".
+    ("opt", lambda k: k.removeprefix("model.")),
+    # GPT-NeoX's head: "embed_out" as published (transformers 5 also saves that name),
+    # "lm_head" as transformers' module calls it.
+    ("gpt_neox", lambda k: {"embed_out.weight": "lm_head.weight",
+                            "lm_head.weight": "embed_out.weight"}.get(k, k)),
+])
+def test_published_checkpoint_spellings_load(tmp_path, name, rename):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    save_tiny(tmp_path / "saved", name)
+    pre = load_pretrained(tmp_path / "saved")
+    (tmp_path / "renamed").mkdir()
+    shutil.copy(tmp_path / "saved" / "config.json", tmp_path / "renamed" / "config.json")
+    tensors = load_file(tmp_path / "saved" / "model.safetensors")
+    save_file({rename(k): v for k, v in tensors.items()}, tmp_path / "renamed" / "model.safetensors")
+    assert set(map(rename, tensors)) != set(tensors)
+    again = load_pretrained(tmp_path / "renamed")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again.params, pre.params)
+
+
+def test_unknown_tensor_is_named(tiny, tmp_path):
+    from safetensors.numpy import save_file
+
+    _, pre = tiny("gptj")
+    (tmp_path / "config.json").write_text(__import__("json").dumps(pre.hf_config))
+    save_file({"transformer.h.0.attn.q_proj.weight": np.zeros((64, 64), np.float32),
+               "transformer.h.0.attn.qkv_proj.weight": np.zeros((64, 64), np.float32)},
+              tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="unexpected tensor 'transformer.h.0.attn.qkv_proj.weight'"):
+        load_pretrained(tmp_path)
