@@ -95,7 +95,8 @@ def test_every_method_runs_and_trains_only_adapter_leaves(tiny, name, method):
             return s / n
         loss, grads = jax.value_and_grad(loss_fn)(trainable)
         updates, _ = opt.update(grads, opt_state)
-        return fresh_logits(combine(frozen, trainable)), optax.apply_updates(trainable, updates), loss
+        return (fresh_logits(combine(frozen, trainable)), optax.apply_updates(trainable, updates),
+                loss)
 
     frozen_copy = jax.tree.map(np.array, frozen)
     fresh, new_trainable, loss = run(trainable, frozen, opt.init(trainable))
@@ -172,7 +173,8 @@ def test_bottleneck_matches_llm_adapters_and_round_trips(tmp_path, name, kind):
     for key in {k.rsplit(".adapter_", 1)[0].removeprefix("base_model.model.") for k in tensors}:
         parent_name, module = key.rsplit(".", 1)
         parent = torch_model.get_submodule(parent_name)
-        kind_ = "parallel_adapter" if cfg.use_parallel_adapter else ADAPTER_TYPES[model_type][module]
+        kind_ = ("parallel_adapter" if cfg.use_parallel_adapter
+                 else ADAPTER_TYPES[model_type][module])
         setattr(parent, module, RefAdapterLinear(
             getattr(parent, module), kind_, tensors[f"base_model.model.{key}.adapter_down.weight"],
             tensors[f"base_model.model.{key}.adapter_up.weight"], 1.0, "gelu"))

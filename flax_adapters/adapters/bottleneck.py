@@ -247,7 +247,8 @@ def export_bottleneck(tree: dict, cfg: BottleneckConfig, out_dir: str | os.PathL
         for leaf in LEAVES:
             if leaf in module:
                 value = np.asarray(jax.device_get(module[leaf]), np.float32)
-                tensors[_torch_key(site, leaf, model_type)] = value if leaf == "adapter_scaling" else value.T
+                tensors[_torch_key(site, leaf, model_type)] = (
+                    value if leaf == "adapter_scaling" else value.T)
     names = sorted({s.rsplit("/", 1)[-1] for s in sites_})
     config = _config_json(cfg, names, base_model)
     return write_dir_atomically(out_dir, {

@@ -53,7 +53,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_adapters.adapters.tree import get
 
 ENCODER = "prefix_encoder"
 

@@ -124,8 +124,8 @@ def hf_state_to_params(cfg: Any, state: Any, dtype: Any = np.float32) -> dict:
         seen.add(path)
     missing = sorted("/".join(p) for p in set(expected) - seen)
     if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. "
-                         f"{[path_to_hf_name(tuple(m.split('/')), cfg.model_type) for m in missing[:3]]}")
+        some = [path_to_hf_name(tuple(m.split("/")), cfg.model_type) for m in missing[:3]]
+        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {some}")
     return params
 
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from flax_adapters.adapters import sites
 from flax_adapters.models.decoder import (Cache, attend, decoder_stack, embed_inputs,
-                                          output_logits, token_embedding)
+                                          output_logits, real_outputs, token_embedding)
 from flax_adapters.models.layers import (LayerNorm, Linear, alibi_bias, alibi_slopes,
                                          key_positions)
 
@@ -170,7 +170,7 @@ class BloomForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_bt, valid_bt=None, positions_bt=None, cache: Cache | None = None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, logits_at_ba: jax.Array | None = None):
         cfg = self.cfg
         norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype,  # noqa: E731
                                       param_dtype=self.param_dtype, name=name)
@@ -180,6 +180,6 @@ class BloomForCausalLM(nn.Module):
         h_btd, new_cache = decoder_stack(
             self, BloomBlock, (cfg, self.dtype, self.param_dtype, self.settings), x, h_btd,
             (key_positions(x.key_valid_bs), x.mask_bts), deterministic, self.remat)
-        h_btd = norm("ln_f")(h_btd[:, x.n_virtual:])
+        h_btd = norm("ln_f")(real_outputs(h_btd, x, logits_at_ba))
         return output_logits(self, h_btd, embedding, cfg.tie_word_embeddings), new_cache
 

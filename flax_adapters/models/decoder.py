@@ -141,6 +141,17 @@ def decoder_stack(mdl: nn.Module, layer_cls: type[nn.Module], layer_args: tuple,
     return h_btd, new_cache
 
 
+def real_outputs(h_btd: jax.Array, x: Inputs, logits_at_ba: jax.Array | None) -> jax.Array:
+    """The hidden states whose logits are wanted: the real tokens' (a prompt's
+    virtual tokens dropped; PEFT's logits include P more), or, given int (b, a)
+    indices into t, those positions only (the loss needs logits only where its
+    targets are, and the vocab-wide head is a training step's largest activation)."""
+    h_btd = h_btd[:, x.n_virtual:]
+    if logits_at_ba is not None:
+        h_btd = jnp.take_along_axis(h_btd, logits_at_ba[..., None], axis=1)
+    return h_btd
+
+
 def output_logits(mdl: nn.Module, h_btd: jax.Array, embedding_vd: jax.Array, tied: bool,
                   head_bias: bool = False) -> jax.Array:
     """float32 logits (b, t, v): the tied embedding matrix or an `lm_head`

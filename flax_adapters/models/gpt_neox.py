@@ -28,12 +28,13 @@ import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from flax_adapters.adapters import sites
 from flax_adapters.adapters.bottleneck import ACTIVATIONS
 from flax_adapters.models.decoder import (Cache, attend, decoder_stack, embed_inputs,
-                                          output_logits, token_embedding)
+                                          output_logits, real_outputs, token_embedding)
 from flax_adapters.models.layers import LayerNorm, Linear, apply_partial_rope, rope_inv_freq
 
 Dtype = Any
@@ -180,7 +181,7 @@ class GPTNeoXForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_bt, valid_bt=None, positions_bt=None, cache: Cache | None = None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, logits_at_ba: jax.Array | None = None):
         cfg = self.cfg
         embedding = token_embedding(self, cfg.vocab_size, cfg.hidden_size)
         x = embed_inputs(self, embedding, tokens_bt, valid_bt, positions_bt, cache)
@@ -188,5 +189,5 @@ class GPTNeoXForCausalLM(nn.Module):
             self, GPTNeoXLayer, (cfg, self.dtype, self.param_dtype, self.settings), x, x.h_btd,
             (x.positions_bt, x.mask_bts), deterministic, self.remat)
         h_btd = LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name="final_layer_norm")(h_btd[:, x.n_virtual:])
+                          name="final_layer_norm")(real_outputs(h_btd, x, logits_at_ba))
         return output_logits(self, h_btd, embedding, cfg.tie_word_embeddings), new_cache

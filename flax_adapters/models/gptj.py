@@ -24,12 +24,13 @@ import math
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from flax_adapters.adapters import sites
 from flax_adapters.adapters.bottleneck import ACTIVATIONS
 from flax_adapters.models.decoder import (Cache, attend, decoder_stack, embed_inputs,
-                                          output_logits, token_embedding)
+                                          output_logits, real_outputs, token_embedding)
 from flax_adapters.models.layers import (LayerNorm, Linear, apply_partial_rope,
                                          apply_rope_interleaved, rope_inv_freq)
 
@@ -165,7 +166,7 @@ class GPTJForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_bt, valid_bt=None, positions_bt=None, cache: Cache | None = None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, logits_at_ba: jax.Array | None = None):
         cfg = self.cfg
         embedding = token_embedding(self, cfg.vocab_size, cfg.hidden_size)
         x = embed_inputs(self, embedding, tokens_bt, valid_bt, positions_bt, cache)
@@ -173,6 +174,6 @@ class GPTJForCausalLM(nn.Module):
             self, GPTJBlock, (cfg, self.dtype, self.param_dtype, self.settings), x, x.h_btd,
             (x.positions_bt, x.mask_bts), deterministic, self.remat)
         h_btd = LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name="ln_f")(h_btd[:, x.n_virtual:])
+                          name="ln_f")(real_outputs(h_btd, x, logits_at_ba))
         return (output_logits(self, h_btd, embedding, cfg.tie_word_embeddings, head_bias=True),
                 new_cache)

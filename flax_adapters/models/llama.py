@@ -19,12 +19,13 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from flax_adapters.adapters import sites
 from flax_adapters.models.config import LlamaConfig
 from flax_adapters.models.decoder import (Cache, attend, decoder_stack, embed_inputs,
-                                          output_logits, token_embedding)
+                                          output_logits, real_outputs, token_embedding)
 from flax_adapters.models.layers import Linear, RMSNorm, apply_rope, rope_inv_freq
 
 Dtype = Any
@@ -109,7 +110,9 @@ class LlamaForCausalLM(nn.Module):
 
     tokens_bt: int (b, t). valid_bt: bool (b, t), False at padding (default
     all True). positions_bt: default counts valid tokens (left padding safe),
-    continuing from the cache. Returns (float32 logits (b, t, v), new cache
+    continuing from the cache. logits_at_ba: optional int (b, a) indices into
+    t; the logits are then computed at those positions only (see
+    decoder.real_outputs). Returns (float32 logits (b, t or a, v), new cache
     or None).
     """
 
@@ -121,7 +124,7 @@ class LlamaForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_bt, valid_bt=None, positions_bt=None, cache: Cache | None = None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, logits_at_ba: jax.Array | None = None):
         cfg = self.cfg
         embedding = token_embedding(self, cfg.vocab_size, cfg.hidden_size)
         x = embed_inputs(self, embedding, tokens_bt, valid_bt, positions_bt, cache,
@@ -129,6 +132,6 @@ class LlamaForCausalLM(nn.Module):
         h_btd, new_cache = decoder_stack(
             self, DecoderLayer, (cfg, self.dtype, self.param_dtype, self.settings), x, x.h_btd,
             (x.positions_bt, x.mask_bts), deterministic, self.remat)
-        h_btd = h_btd[:, x.n_virtual:]  # logits for the real tokens only (PEFT's include P more)
+        h_btd = real_outputs(h_btd, x, logits_at_ba)
         h_btd = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(h_btd)
         return output_logits(self, h_btd, embedding, cfg.tie_word_embeddings), new_cache

@@ -31,12 +31,13 @@ import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from flax_adapters.adapters import sites
 from flax_adapters.adapters.bottleneck import ACTIVATIONS
 from flax_adapters.models.decoder import (Cache, attend, decoder_stack, embed_inputs,
-                                          output_logits, token_embedding)
+                                          output_logits, real_outputs, token_embedding)
 from flax_adapters.models.layers import LayerNorm, Linear
 
 Dtype = Any
@@ -177,7 +178,7 @@ class OPTForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_bt, valid_bt=None, positions_bt=None, cache: Cache | None = None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, logits_at_ba: jax.Array | None = None):
         cfg = self.cfg
         d, e = cfg.hidden_size, cfg.word_embed_proj_dim
         embedding = token_embedding(self, cfg.vocab_size, e)
@@ -194,7 +195,7 @@ class OPTForCausalLM(nn.Module):
         h_btd, new_cache = decoder_stack(
             self, OPTDecoderLayer, (cfg, self.dtype, self.param_dtype, self.settings), x, h_btd,
             (x.mask_bts,), deterministic, self.remat)
-        h_btd = h_btd[:, x.n_virtual:]
+        h_btd = real_outputs(h_btd, x, logits_at_ba)
         if cfg.final_norm:
             h_btd = _norm(self, "final_layer_norm")(h_btd)
         if e != d:
