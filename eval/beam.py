@@ -29,12 +29,13 @@ from __future__ import annotations
 import functools
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flax_adapters.generate import bucket_batch, bucket_length
-from flax_adapters.models.llama import LlamaForCausalLM, init_cache
+from flax_adapters.models.registry import init_cache
 
 NEG = -1.0e9  # transformers' "impossible" score
 
@@ -47,7 +48,7 @@ def _gather(x_bk: jax.Array, idx_bj: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("model", "num_beams", "max_new_tokens", "eos_ids",
                                              "pad_id", "length_penalty"))
-def _beam_decode(model: LlamaForCausalLM, params: Any, tokens_bp: jax.Array, valid_bp: jax.Array,
+def _beam_decode(model: nn.Module, params: Any, tokens_bp: jax.Array, valid_bp: jax.Array,
                  num_beams: int, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int,
                  length_penalty: float) -> jax.Array:
     """Best hypothesis per row, (b, max_new_tokens) int32, pad after its EOS."""
@@ -116,7 +117,7 @@ def _beam_decode(model: LlamaForCausalLM, params: Any, tokens_bp: jax.Array, val
     return jnp.where(after_eos, pad_id, best_bn)
 
 
-def beam_search(model: LlamaForCausalLM, params: Any, prompt_tokens: Sequence[Sequence[int]],
+def beam_search(model: nn.Module, params: Any, prompt_tokens: Sequence[Sequence[int]],
                 num_beams: int, max_new_tokens: int, eos_token_ids: Sequence[int],
                 pad_token_id: int, length_penalty: float = 1.0) -> np.ndarray:
     """New tokens (len(prompt_tokens), max_new_tokens) int32 of the best beam.

@@ -191,20 +191,20 @@ def load_generator(model_path: str | None, adapter: str | None, dtype: str = "fl
     """The base model (default: embedded SmolLM2-135M-Instruct), plus a PEFT
     adapter directory when `adapter` is given."""
     from flax_adapters.checkpoints.load import default_model_path, load_pretrained
-    from flax_adapters.models.llama import LlamaForCausalLM
+    from flax_adapters.models.registry import model_class
 
     pre = load_pretrained(model_path or default_model_path(), dtype)
     params, settings = pre.params, None
     if adapter:
         from flax_adapters.adapters.api import settings_for
         from flax_adapters.adapters.peft_io import import_peft
-        params, adapter_cfg = import_peft(adapter, pre.params, pre.hf_config.get("model_type",
-                                                                                 "llama"))
-        settings = settings_for(adapter_cfg)
+        model_type = pre.config.model_type
+        params, adapter_cfg = import_peft(adapter, pre.params, model_type)
+        settings = settings_for(adapter_cfg, model_type)
     if pre.tokenizer is None:
         raise ValueError(f"{model_path}: the checkpoint has no tokenizer files; evaluation needs one")
-    model = (LlamaForCausalLM(pre.config) if settings is None
-             else LlamaForCausalLM(pre.config, settings=settings))
+    module = model_class(pre.config)
+    model = module(pre.config) if settings is None else module(pre.config, settings=settings)
     return Generator(model, params, pre.tokenizer, num_beams, batch_size)
 
 

@@ -38,11 +38,12 @@ import dataclasses
 import functools
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_adapters.models.llama import LlamaForCausalLM, init_cache
+from flax_adapters.models.registry import init_cache
 
 MIN_PROMPT_BUCKET = 16
 
@@ -149,7 +150,7 @@ def bucket_batch(n: int) -> int:
 # ----------------------------------------------------------------------------- decoding
 
 @functools.partial(jax.jit, static_argnames=("model", "gen_cfg"))
-def _decode(model: LlamaForCausalLM, gen_cfg: GenerationConfig, params: Any,
+def _decode(model: nn.Module, gen_cfg: GenerationConfig, params: Any,
             tokens_bp: jax.Array, valid_bp: jax.Array, key: jax.Array) -> jax.Array:
     """New tokens (b, max_new_tokens) for left-padded prompts (b, p), p >= 2.
 
@@ -198,7 +199,7 @@ def num_compilations() -> int:
     return _decode._cache_size()
 
 
-def generate(model: LlamaForCausalLM, params: Any, prompt_tokens: Sequence[Sequence[int]],
+def generate(model: nn.Module, params: Any, prompt_tokens: Sequence[Sequence[int]],
              gen_cfg: GenerationConfig, key: jax.Array | None = None) -> np.ndarray:
     """New tokens, int32 (len(prompt_tokens), gen_cfg.max_new_tokens).
 
@@ -230,7 +231,7 @@ def generate(model: LlamaForCausalLM, params: Any, prompt_tokens: Sequence[Seque
     return np.asarray(out_bn)[:len(prompt_tokens)]
 
 
-def generate_text(model: LlamaForCausalLM, params: Any, tokenizer: Any, prompts: Sequence[str],
+def generate_text(model: nn.Module, params: Any, tokenizer: Any, prompts: Sequence[str],
                   gen_cfg: GenerationConfig, chat: bool = False, stop: Sequence[str] = (),
                   key: jax.Array | None = None) -> list[str]:
     """Completions of `prompts` as text.

@@ -18,6 +18,7 @@ import shutil
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
@@ -27,7 +28,7 @@ from flax_adapters.adapters import api, axes, tree
 from flax_adapters.checkpoints import default_model_path, load_pretrained
 from flax_adapters.checkpoints.atomic import write_text_atomically
 from flax_adapters.generate import GenerationConfig, generate
-from flax_adapters.models import LlamaForCausalLM, logical_axes
+from flax_adapters.models import logical_axes, model_class
 from train import data as data_lib
 from train import distributed
 from train import preempt
@@ -47,7 +48,7 @@ class TrainingError(RuntimeError):
 class Setup:
     """Everything built once before the first step."""
 
-    model: LlamaForCausalLM
+    model: nn.Module
     tokenizer: Any
     adapter_cfg: Any
     model_type: str
@@ -76,9 +77,9 @@ def build(cfg: TrainConfig, devices=None) -> Setup:
     if not trainable:
         raise TrainingError("the adapter added no trainable leaves; nothing would be trained")
     compute = jnp.bfloat16 if cfg.model.compute_dtype == "bfloat16" else jnp.float32
-    model = LlamaForCausalLM(pre.config, dtype=compute,
-                             settings=api.settings_for(adapter_cfg, model_type),
-                             remat=cfg.model.remat)
+    model = model_class(pre.config)(pre.config, dtype=compute,
+                                    settings=api.settings_for(adapter_cfg, model_type),
+                                    remat=cfg.model.remat)
 
     mesh = sharding.make_mesh(cfg.mesh, devices)
     if cfg.micro_batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):

@@ -19,7 +19,7 @@ def export_adapter(tree: dict, adapter_cfg: Any, out_dir: pathlib.Path, base: st
     from flax_adapters.adapters import bottleneck, peft_io
 
     if isinstance(adapter_cfg, bottleneck.BottleneckConfig):
-        return bottleneck.export_bottleneck(tree, adapter_cfg, out_dir, base)
+        return bottleneck.export_bottleneck(tree, adapter_cfg, out_dir, base, model_type)
     return peft_io.export_peft(tree, adapter_cfg, out_dir, base, model_type)
 
 

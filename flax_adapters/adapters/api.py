@@ -101,10 +101,10 @@ def unmerge(merged: dict, adapter: dict, cfg: AdapterConfig, *,
 
 
 def activate(base: dict, adapters: Mapping[str, tuple[AdapterConfig, dict]],
-             name: str) -> tuple[dict, sites.Settings]:
+             name: str, model_type: str = "llama") -> tuple[dict, sites.Settings]:
     """Selects one of several named adapters on a shared base:
     {name: (cfg, trainable tree)} -> (base + that adapter's leaves, its settings)."""
     if name not in adapters:
         raise KeyError(f"no adapter named {name!r}; the adapters are {sorted(adapters)}")
     cfg, trainable = adapters[name]
-    return combine(base, trainable), settings_for(cfg)
+    return combine(base, trainable), settings_for(cfg, model_type)

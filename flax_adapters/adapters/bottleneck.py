@@ -65,12 +65,18 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),  # GPT-NeoX-20B's; same formula
 }
 
 # LLM-Adapters' TRANSFORMERS_MODELS_TO_ADAPTER_TYPE_MAPPING for the families we model:
 # where a series adapter sits, by the targeted module's name.
+# GPT-NeoX (not in LLM-Adapters) follows BLOOM: the same MLP names.
 SERIES_PLACEMENT: dict[str, dict[str, str]] = {
     "llama": {"gate_proj": "input", "up_proj": "input", "down_proj": "output"},
+    "bloom": {"dense_h_to_4h": "input", "dense_4h_to_h": "output"},
+    "gptj": {"fc_in": "input", "fc_out": "output"},
+    "opt": {"fc1": "input", "fc2": "output"},
+    "gpt_neox": {"dense_h_to_4h": "input", "dense_4h_to_h": "output"},
 }
 SERIES_PLACEMENT["mistral"] = SERIES_PLACEMENT["qwen2"] = SERIES_PLACEMENT["llama"]
 
@@ -187,15 +193,18 @@ def adapter_sites(tree: dict, prefix: str = ""):
 # ----------------------------------------------------------------------------- LLM-Adapters I/O
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
-_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(.+)\.(adapter_down\.weight|"
-                  r"adapter_up\.weight|adapter_scaling)")
+_KEY = re.compile(r"base_model\.model\.(.+)\.(adapter_down\.weight|adapter_up\.weight|"
+                  r"adapter_scaling)")
 
 
-def _torch_key(site: str, leaf: str) -> str:
-    """'layers_3/mlp/down_proj', 'adapter_down' -> LLM-Adapters' state-dict key."""
-    layer, *rest = site.split("/")
+def _torch_key(site: str, leaf: str, model_type: str) -> str:
+    """'layers_3/mlp/down_proj', 'adapter_down' -> LLM-Adapters' state-dict key
+    'base_model.model.model.layers.3.mlp.down_proj.adapter_down.weight' (the
+    family's Hugging Face module name)."""
+    from flax_adapters.adapters.peft_io import module_name  # imports the checkpoints
+
     name = leaf if leaf == "adapter_scaling" else f"{leaf}.weight"
-    return ".".join(["base_model.model.model.layers", layer.removeprefix("layers_"), *rest, name])
+    return f"base_model.model.{module_name(site, model_type)}.{name}"
 
 
 def _config_json(cfg: BottleneckConfig, targets_: list[str], base_model: str | None) -> dict:
@@ -220,7 +229,7 @@ def _config_json(cfg: BottleneckConfig, targets_: list[str], base_model: str | N
 
 
 def export_bottleneck(tree: dict, cfg: BottleneckConfig, out_dir: str | os.PathLike,
-                      base_model: str | None = None) -> pathlib.Path:
+                      base_model: str | None = None, model_type: str = "llama") -> pathlib.Path:
     """Writes `out_dir/{adapter_config.json, adapter_model.safetensors}` in
     LLM-Adapters' BOTTLENECK schema (PyTorch layouts, float32); returns its path."""
     # Imported here: the checkpoints package imports the models, which import the sites,
@@ -238,7 +247,8 @@ def export_bottleneck(tree: dict, cfg: BottleneckConfig, out_dir: str | os.PathL
         for leaf in LEAVES:
             if leaf in module:
                 value = np.asarray(jax.device_get(module[leaf]), np.float32)
-                tensors[_torch_key(site, leaf)] = value if leaf == "adapter_scaling" else value.T
+                tensors[_torch_key(site, leaf, model_type)] = (
+                    value if leaf == "adapter_scaling" else value.T)
     names = sorted({s.rsplit("/", 1)[-1] for s in sites_})
     config = _config_json(cfg, names, base_model)
     return write_dir_atomically(out_dir, {
@@ -273,6 +283,7 @@ def import_bottleneck(directory: str | os.PathLike, base: dict,
     """(tree, cfg): `base` with the adapter of an LLM-Adapters BOTTLENECK
     directory. Every tensor must fit a site of `base` with the shape the
     config implies; pickled `adapter_model.bin` files are refused."""
+    from flax_adapters.adapters.peft_io import site_name
     from flax_adapters.checkpoints.safetensors_io import iter_tensors
 
     directory = pathlib.Path(directory)
@@ -291,8 +302,8 @@ def import_bottleneck(directory: str | os.PathLike, base: dict,
         if m is None:
             raise ValueError(f"{weights}: unexpected tensor {name!r}; bottleneck keys look like "
                              "'base_model.model.model.layers.0.mlp.down_proj.adapter_down.weight'")
-        layer, module, kind = m.groups()
-        site = "/".join([f"layers_{layer}", *module.split(".")])
+        module, kind = m.groups()
+        site = site_name(module, model_type) or module  # an unknown module: not in `base`
         try:
             d_in, d_out = get(base, site)["kernel"].shape
         except KeyError:

@@ -42,7 +42,7 @@ from flax_adapters.adapters.tree import get as _get, split, with_site
 from flax_adapters.checkpoints.hf import hf_name_to_path, path_to_hf_name
 from flax_adapters.checkpoints.atomic import write_dir_atomically
 from flax_adapters.checkpoints.safetensors_io import iter_tensors, save_file
-from flax_adapters.models.config import SUPPORTED_MODEL_TYPES
+from flax_adapters.models.registry import SUPPORTED_MODEL_TYPES
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -58,14 +58,17 @@ _UNSUPPORTED = ("lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
 
 # --- names ---------------------------------------------------------------
 
-def module_name(site: str) -> str:
-    """'layers_0/self_attn/q_proj' -> 'model.layers.0.self_attn.q_proj'."""
-    return path_to_hf_name((*site.split("/"), "kernel")).removesuffix(".weight")
+def module_name(site: str, model_type: str = "llama") -> str:
+    """'layers_0/self_attn/q_proj' -> 'model.layers.0.self_attn.q_proj' (the
+    Hugging Face module of a site, through the family's names: on bloom
+    'layers_0/self_attention/query_key_value' ->
+    'transformer.h.0.self_attention.query_key_value')."""
+    return path_to_hf_name((*site.split("/"), "kernel"), model_type).removesuffix(".weight")
 
 
-def site_name(module: str) -> str | None:
+def site_name(module: str, model_type: str = "llama") -> str | None:
     """Inverse of `module_name`; None for modules that are not linear sites."""
-    mapped = hf_name_to_path(module + ".weight")
+    mapped = hf_name_to_path(module + ".weight", model_type)
     if mapped is None or mapped[0][-1] != "kernel":
         return None
     return "/".join(mapped[0][:-1])
@@ -79,24 +82,26 @@ def _sites_with(tree: dict, leaf: str, prefix: str = "") -> list[str]:
     return out
 
 
-def _peft_spec(spec: targeting.TargetSpec | None, chosen: list[str]) -> str | list[str]:
+def _peft_spec(spec: targeting.TargetSpec | None, chosen: list[str],
+               model_type: str) -> str | list[str]:
     """PEFT's target_modules for sites `chosen` through our `spec`."""
     if spec == "all-linear":
         return spec
     if spec is None or (not isinstance(spec, str) and all("/" not in x for x in spec)):
         # Plain names select the same modules under PEFT's suffix rule.
         return sorted({s.rsplit("/", 1)[-1] for s in chosen})
-    return "(" + "|".join(re.escape(module_name(s)) for s in chosen) + ")"
+    return "(" + "|".join(re.escape(module_name(s, model_type)) for s in chosen) + ")"
 
 
 def _our_spec(peft_spec: Any, found: list[str], candidates: list[str],
               all_linear: bool = False) -> targeting.TargetSpec:
     """Our spec selecting exactly the sites `found` (in a PEFT adapter) out
-    of `candidates`: PEFT's list of plain names when it means that, else
+    of `candidates`: PEFT's list of name suffixes when it means that, else
     "all-linear" when that is what was found (PEFT saves it expanded), else
     an exact regex."""
-    if isinstance(peft_spec, (list, tuple)) and all("." not in x for x in peft_spec):
-        names = tuple(sorted(peft_spec))
+    if isinstance(peft_spec, (list, tuple)):
+        # PEFT's suffixes end at a '.', ours at a '/': 'mlp.dense_4h_to_h' -> 'mlp/dense_4h_to_h'.
+        names = tuple(sorted(x.replace(".", "/") for x in peft_spec))
         if set(found) == {s for s in candidates
                           if any(s == x or s.endswith("/" + x) for x in names)}:
             return names
@@ -107,17 +112,17 @@ def _our_spec(peft_spec: Any, found: list[str], candidates: list[str],
 
 # --- export --------------------------------------------------------------
 
-def _export_lora(adapter: dict, cfg: lora.LoraConfig) -> tuple[dict, dict]:
+def _export_lora(adapter: dict, cfg: lora.LoraConfig, model_type: str) -> tuple[dict, dict]:
     chosen = _sites_with(adapter, "lora_a")
     config = {
         "peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
         "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora,
-        "target_modules": _peft_spec(cfg.target_modules, chosen),
+        "target_modules": _peft_spec(cfg.target_modules, chosen, model_type),
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
     }
     tensors = {}
     for site in chosen:
-        leaves, key = _get(adapter, site), PREFIX + module_name(site)
+        leaves, key = _get(adapter, site), PREFIX + module_name(site, model_type)
         tensors[key + ".lora_A.weight"] = np.asarray(leaves["lora_a"]).T
         tensors[key + ".lora_B.weight"] = np.asarray(leaves["lora_b"]).T
         if cfg.use_dora:
@@ -128,26 +133,29 @@ def _export_lora(adapter: dict, cfg: lora.LoraConfig) -> tuple[dict, dict]:
     return config, tensors
 
 
-def _export_ia3(adapter: dict, cfg: ia3.IA3Config) -> tuple[dict, dict]:
+def _export_ia3(adapter: dict, cfg: ia3.IA3Config, model_type: str) -> tuple[dict, dict]:
     chosen = _sites_with(adapter, "ia3")
     feedforward = [s for s in chosen if _get(adapter, s)["ia3"].shape[1] == 1]
     config = {
-        "peft_type": "IA3", "target_modules": _peft_spec(cfg.target_modules, chosen),
-        "feedforward_modules": (_peft_spec(cfg.feedforward_modules, feedforward)
+        "peft_type": "IA3", "target_modules": _peft_spec(cfg.target_modules, chosen, model_type),
+        "feedforward_modules": (_peft_spec(cfg.feedforward_modules, feedforward, model_type)
                                 if feedforward else []),
         "fan_in_fan_out": False, "init_ia3_weights": True,
     }
-    tensors = {PREFIX + module_name(s) + ".ia3_l": np.asarray(_get(adapter, s)["ia3"]).T
+    tensors = {PREFIX + module_name(s, model_type) + ".ia3_l":
+               np.asarray(_get(adapter, s)["ia3"]).T
                for s in chosen}
     return config, tensors
 
 
-_EXPORTERS: list[tuple[type, Callable[[dict, Any], tuple[dict, dict]]]] = [
+# (adapter leaves, config, model_type) -> (adapter_config fields, tensors). Prompt
+# learning writes one family-independent `prompt_embeddings` tensor.
+_EXPORTERS: list[tuple[type, Callable[[dict, Any, str], tuple[dict, dict]]]] = [
     (lora.LoraConfig, _export_lora),
     (ia3.IA3Config, _export_ia3),
-    (prompt.PromptTuningConfig, prompt.to_peft),
-    (prompt.PTuningConfig, prompt.to_peft),
-    (prefix.PrefixConfig, prefix.to_peft),
+    (prompt.PromptTuningConfig, lambda a, c, _: prompt.to_peft(a, c)),
+    (prompt.PTuningConfig, lambda a, c, _: prompt.to_peft(a, c)),
+    (prefix.PrefixConfig, lambda a, c, _: prefix.to_peft(a, c)),
 ]
 
 
@@ -162,7 +170,7 @@ def export_peft(tree: dict, cfg: Any, out_dir: str | os.PathLike,
             break
     else:
         raise TypeError(f"no PEFT export for {type(cfg).__name__}")
-    config, tensors = exporter(split(tree).trainable, cfg)
+    config, tensors = exporter(split(tree).trainable, cfg, model_type)
     if not tensors:
         raise ValueError(f"the tree has no {type(cfg).__name__} adapter leaves to export")
     config = {**config, "task_type": "CAUSAL_LM", "inference_mode": True,
@@ -185,7 +193,8 @@ _LEAF = {"lora_A.weight": "lora_a", "lora_B.weight": "lora_b",
          "lora_magnitude", "ia3_l": "ia3"}
 
 
-def _read_tensors(directory: pathlib.Path, base: dict) -> dict[str, dict[str, np.ndarray]]:
+def _read_tensors(directory: pathlib.Path, base: dict,
+                  model_type: str) -> dict[str, dict[str, np.ndarray]]:
     """{site: {our leaf name: array in our layout, float32}}, checked against `base`."""
     weights = directory / WEIGHTS_NAME
     if not weights.exists():
@@ -200,7 +209,7 @@ def _read_tensors(directory: pathlib.Path, base: dict) -> dict[str, dict[str, np
     found: dict[str, dict[str, np.ndarray]] = {}
     for key, arr in iter_tensors(weights):
         m = _KEY.fullmatch(key)
-        site = site_name(m.group(1)) if m else None
+        site = site_name(m.group(1), model_type) if m else None
         if site is None or site not in sites_:
             raise ValueError(f"{weights}: tensor {key!r} has no place in this base model "
                              "(unknown module or adapter kind)")
@@ -313,7 +322,7 @@ def import_peft(adapter_dir: str | os.PathLike, base_tree: dict,
         raise ValueError(f"{directory}: PEFT option(s) {bad} are not supported")
     if peft_type in _PROMPT_IMPORTERS:
         return _PROMPT_IMPORTERS[peft_type](config, _prompt_embeddings(directory), base_tree)
-    found = _read_tensors(directory, base_tree)
+    found = _read_tensors(directory, base_tree, model_type)
     cfg = _IMPORTERS[peft_type](config, found, base_tree)
     tree = base_tree
     for site, leaves in found.items():
@@ -323,7 +332,7 @@ def import_peft(adapter_dir: str | os.PathLike, base_tree: dict,
 
 
 def _check_model_type(model_type: str) -> None:
-    # Our LLaMA-family trees share Hugging Face's module names (see hf.py).
+    # Our trees mirror each family's Hugging Face module names (see hf.py).
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} has no PEFT name mapping; supported: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")

@@ -14,7 +14,9 @@ position shift in sites.embed):
 - with grouped-query attention the prefix has the kv heads' width,
   td = kv_heads * head_dim (PEFT issue #1901).
 
-Tree, per layer (prefix leaves laid out like k_proj's output features):
+Tree, per layer (prefix leaves laid out like k_proj's output features),
+in the layer's attention module (`self_attn` here; `self_attention` on
+BLOOM, `attn` on GPT-J, `attention` on GPT-NeoX, found in the tree):
 
     before: {'layers_i': {'self_attn': {'q_proj': ..., ...}}}
     after:  {'layers_i': {'self_attn': {'q_proj': ..., ...,
@@ -51,7 +53,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_adapters.adapters.tree import get
 
 ENCODER = "prefix_encoder"
 
@@ -79,9 +80,29 @@ def layer_names(tree: dict) -> list[str]:
     return sorted(names, key=lambda k: int(k.split("_")[1]))
 
 
+# The key projections of the families: td is k_proj's output width, or a third of
+# a fused query_key_value's (BLOOM, GPT-NeoX: multi-head, laid out per head).
+_KEY_PROJECTIONS = {"k_proj": 1, "query_key_value": 3}
+
+
+def attention_module(layer: dict) -> str | None:
+    """The name of a layer's attention module (self_attn on LLaMA and OPT,
+    self_attention on BLOOM, attn on GPT-J, attention on GPT-NeoX): the child
+    holding a key projection or a prefix; None if the layer shows neither."""
+    for name, child in layer.items():
+        if isinstance(child, dict) and ("prefix_k" in child
+                                        or any(k in child for k in _KEY_PROJECTIONS)):
+            return name
+    return None
+
+
 def kv_width(base: dict) -> int:
-    """td = kv_heads * head_dim: the width of k_proj's output."""
-    return get(base, "layers_0/self_attn/k_proj")["kernel"].shape[1]
+    """td = kv_heads * head_dim: the width of the keys of layer 0."""
+    attn = base["layers_0"][attention_module(base["layers_0"])]
+    for name, parts in _KEY_PROJECTIONS.items():
+        if name in attn:
+            return attn[name]["kernel"].shape[1] // parts
+    raise ValueError("layers_0's attention holds no k_proj or query_key_value")
 
 
 def _torch_linear(key: jax.Array, fan_in: int, fan_out: int) -> tuple[jax.Array, jax.Array]:
@@ -94,7 +115,7 @@ def _torch_linear(key: jax.Array, fan_in: int, fan_out: int) -> tuple[jax.Array,
 
 def init(base: dict, cfg: PrefixConfig, key: jax.Array, model_type: str = "llama") -> dict:
     """A new tree with float32 prefix leaves (or the prefix encoder)."""
-    del model_type  # every LLaMA-family layer has the same attention
+    del model_type  # the attention module and the key width are read off the tree
     p, n_layers, td = cfg.num_virtual_tokens, len(layer_names(base)), kv_width(base)
     k_emb, k_in, k_out = jax.random.split(key, 3)
     if not cfg.prefix_projection:
@@ -113,9 +134,12 @@ def init(base: dict, cfg: PrefixConfig, key: jax.Array, model_type: str = "llama
     return {**base, ENCODER: encoder}
 
 
-def with_flat_prefix(tree: dict, flat: jax.Array) -> dict:
+def with_flat_prefix(tree: dict, flat: jax.Array, attention: str | None = None) -> dict:
     """A new tree with PEFT's flat prefix (P, L*2*td) split into the
-    `prefix_k`, `prefix_v` of every layer (the `layers_i` entries of `tree`)."""
+    `prefix_k`, `prefix_v` of every layer (the `layers_i` entries of `tree`),
+    inside the layer's attention module: found in the tree, else `attention`,
+    else LLaMA's `self_attn` (a misplaced prefix is an error at the model's
+    prefix site, never ignored)."""
     names = layer_names(tree)
     p, width = flat.shape
     if not names:
@@ -125,11 +149,12 @@ def with_flat_prefix(tree: dict, flat: jax.Array) -> dict:
                          "of keys and values")
     td = width // (2 * len(names))
     x = flat.reshape(p, len(names), 2, td)
+    attention = attention_module(tree[names[0]]) or attention or "self_attn"
     out = dict(tree)
     for i, name in enumerate(names):
         layer = dict(out.get(name, {}))
-        layer["self_attn"] = {**layer.get("self_attn", {}),
-                              "prefix_k": x[:, i, 0], "prefix_v": x[:, i, 1]}
+        layer[attention] = {**layer.get(attention, {}),
+                            "prefix_k": x[:, i, 0], "prefix_v": x[:, i, 1]}
         out[name] = layer
     return out
 
@@ -138,10 +163,11 @@ def flat_prefix(tree: dict) -> jax.Array:
     """PEFT's flat prefix (P, L*2*td) from the per-layer leaves (after
     `materialize`); the inverse of `with_flat_prefix`."""
     tree = materialize(tree)
-    names = [n for n in layer_names(tree) if "prefix_k" in tree[n].get("self_attn", {})]
+    attns = {n: tree[n].get(attention_module(tree[n]), {}) for n in layer_names(tree)}
+    names = [n for n in layer_names(tree) if "prefix_k" in attns[n]]
     if not names:
-        raise ValueError("the tree holds no prefix (no layers_i/self_attn/prefix_k leaf)")
-    parts = [jnp.stack([tree[n]["self_attn"]["prefix_k"], tree[n]["self_attn"]["prefix_v"]], 1)
+        raise ValueError("the tree holds no prefix (no layers_i/<attention>/prefix_k leaf)")
+    parts = [jnp.stack([attns[n]["prefix_k"], attns[n]["prefix_v"]], 1)
              for n in names]  # each (P, 2, td)
     return jnp.stack(parts, 1).reshape(parts[0].shape[0], -1)
 
@@ -152,12 +178,14 @@ def encode(encoder: dict) -> jax.Array:
     return h @ encoder["dense_out"] + encoder["dense_out_bias"]
 
 
-def materialize(tree: dict) -> dict:
+def materialize(tree: dict, attention: str | None = None) -> dict:
     """The tree the model reads: a `prefix_encoder` is replaced by the
     per-layer prefix leaves it computes. Identity for any other tree.
 
     Works on a full tree and on a bare trainable tree, e.g. in a loss:
-    model.apply({'params': combine(frozen, materialize(trainable))}, ...).
+    model.apply({'params': combine(frozen, materialize(trainable))}, ...);
+    a bare tree of a family other than LLaMA / OPT names its attention
+    module (`attention='self_attention'` on BLOOM, see `with_flat_prefix`).
     """
     if ENCODER not in tree:
         return tree
@@ -168,7 +196,7 @@ def materialize(tree: dict) -> dict:
     if not names:  # a bare encoder: its output width says how many layers
         n_layers = flat.shape[1] // (2 * encoder["embedding"].shape[1])
         rest = {**rest, **{f"layers_{i}": {} for i in range(n_layers)}}
-    return with_flat_prefix(rest, flat)
+    return with_flat_prefix(rest, flat, attention)
 
 
 # ----------------------------------------------------------------------------- PEFT format
@@ -178,9 +206,9 @@ def to_peft(adapter: dict, cfg: PrefixConfig) -> tuple[dict, dict]:
     adapter leaves `adapter`: one `prompt_embeddings` (P, L*2*td), folded."""
     tree = materialize(adapter)
     flat = np.asarray(jax.device_get(flat_prefix(tree)), np.float32)
-    td = next(tree[n]["self_attn"]["prefix_k"].shape[1] for n in layer_names(tree)
-              if "prefix_k" in tree[n].get("self_attn", {}))
-    n_layers = flat.shape[1] // (2 * td)
+    n_layers = len([n for n in layer_names(tree)
+                    if "prefix_k" in tree[n].get(attention_module(tree[n]) or "", {})])
+    td = flat.shape[1] // (2 * n_layers)
     config = {
         "peft_type": "PREFIX_TUNING", "num_virtual_tokens": flat.shape[0], "token_dim": td,
         "num_layers": n_layers, "num_transformer_submodules": 1,

@@ -131,6 +131,10 @@ def kv(mdl: nn.Module, k_bskn: jax.Array, v_bskn: jax.Array, mask_bts: jax.Array
     key/value slots, as stored (no rotary embedding) and always visible."""
     prefix_k = _leaf(mdl, "prefix_k")
     if prefix_k is None:
+        if mdl.settings.prefix_tokens:  # the positions are shifted for a prefix that is absent
+            raise ValueError(f"the model's Settings say prefix_tokens="
+                             f"{mdl.settings.prefix_tokens} but {mdl.name} holds no prefix_k; "
+                             "inject or materialize the prefix into the full tree")
         return k_bskn, v_bskn, mask_bts
     p = prefix_k.shape[0]
     if p != mdl.settings.prefix_tokens:  # the positions would be shifted by the wrong amount

@@ -21,7 +21,11 @@ log = logging.getLogger(__name__)
 
 TargetSpec = Union[str, Sequence[str]]
 
-# LLM-Adapters' defaults for LLaMA-family models (its finetune.py mappings).
+# Default targets per family: LoRA as PEFT's (and LLM-Adapters')
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING; the bottleneck adapters as
+# LLM-Adapters' BOTTLENECK / ADAPTERP / PARALLEL_ADAPTER mappings; IA3 as PEFT's
+# IA3 target and feedforward mappings. LLM-Adapters has no bottleneck mapping
+# for GPT-NeoX: ours follows BLOOM's (the same MLP and fused attention names).
 PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
     "llama": {
         "lora": ("q_proj", "v_proj"),
@@ -30,6 +34,38 @@ PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
         "parallel": ("q_proj", "k_proj", "v_proj"),
         "ia3": ("k_proj", "v_proj", "down_proj"),  # PEFT's default for llama
         "ia3_feedforward": ("down_proj",),
+    },
+    "bloom": {
+        "lora": ("query_key_value",),
+        "bottleneck": ("dense_h_to_4h", "dense_4h_to_h"),
+        "adapterp": ("dense_4h_to_h",),
+        "parallel": ("query_key_value",),
+        "ia3": ("query_key_value", "dense_4h_to_h"),  # PEFT: mlp.dense_4h_to_h, the same
+        "ia3_feedforward": ("dense_4h_to_h",),
+    },
+    "opt": {
+        "lora": ("q_proj", "v_proj"),
+        "bottleneck": ("fc1", "fc2"),
+        "adapterp": ("fc2",),
+        "parallel": ("q_proj", "k_proj", "v_proj"),
+        "ia3": ("q_proj", "k_proj", "fc2"),
+        "ia3_feedforward": ("fc2",),
+    },
+    "gptj": {
+        "lora": ("q_proj", "v_proj"),
+        "bottleneck": ("fc_in", "fc_out"),
+        "adapterp": ("fc_out",),
+        "parallel": ("q_proj", "k_proj", "v_proj"),
+        "ia3": ("q_proj", "v_proj", "fc_out"),
+        "ia3_feedforward": ("fc_out",),
+    },
+    "gpt_neox": {
+        "lora": ("query_key_value",),
+        "bottleneck": ("dense_h_to_4h", "dense_4h_to_h"),
+        "adapterp": ("dense_4h_to_h",),
+        "parallel": ("query_key_value",),
+        "ia3": ("query_key_value", "dense_4h_to_h"),
+        "ia3_feedforward": ("dense_4h_to_h",),
     },
 }
 PRESETS["mistral"] = PRESETS["qwen2"] = PRESETS["llama"]

@@ -8,7 +8,8 @@ combine them back, count parameters, and walk the sites of a tree.
     combine(*split(tree)) == tree
 
 Base leaves have a fixed set of names (the model's `kernel`, `bias`,
-`scale`, `embed_tokens`, `lm_head`); every other leaf is an adapter leaf and
+`scale`, `embed_tokens`, `lm_head`, OPT's `embed_positions`, GPT-J's
+`lm_head_bias`); every other leaf is an adapter leaf and
 trainable by default.
 """
 
@@ -19,7 +20,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-BASE_LEAVES = frozenset({"kernel", "bias", "scale", "embed_tokens", "lm_head"})
+BASE_LEAVES = frozenset({"kernel", "bias", "scale", "embed_tokens", "lm_head",
+                         "embed_positions", "lm_head_bias"})
 
 
 class Split(NamedTuple):

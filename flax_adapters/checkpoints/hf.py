@@ -3,7 +3,8 @@
 A directory holds `config.json`, weights as `model.safetensors` or shards
 listed in `model.safetensors.index.json`, and tokenizer files. Tensor names
 map one to one onto tree paths (`model.layers.3.mlp.up_proj.weight` <->
-`layers_3/mlp/up_proj/kernel`, transposed to (in, out)). Every expected
+`layers_3/mlp/up_proj/kernel`, transposed to (in, out)), through each model
+family's table of names (`HF_NAMES` in its file). Every expected
 tensor must be present with its shape; anything missing, unexpected or
 mis-shaped is an error naming it, and so is a weight that is not a float or
 holds NaN/Inf (a corrupted file). config.json is checked before anything is
@@ -23,113 +24,140 @@ import ml_dtypes
 import numpy as np
 
 from flax_adapters.checkpoints.safetensors_io import iter_tensors, read_header
-from flax_adapters.models.config import LlamaConfig
+from flax_adapters.models import registry
+from flax_adapters.models.registry import abstract_params, family
 
-# Tensors some checkpoints carry that the model recomputes.
-_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+# Tensors some checkpoints carry that the model recomputes: rotary tables and
+# GPT-J's / GPT-NeoX's causal-mask buffers (`attn.bias`, `attention.masked_bias`).
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|\.(attn|attention)\.(masked_)?bias$")
 _PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_DIMS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-         "num_attention_heads")
-_OPTIONAL_DIMS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+_DIMS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+# Family-specific sizes, checked when the family's config has them (all required).
+_OPTIONAL_DIMS = ("intermediate_size", "ffn_dim", "word_embed_proj_dim", "num_key_value_heads",
+                  "head_dim", "max_position_embeddings", "rotary_dim")
+_POSITIVE = ("rms_norm_eps", "rope_theta", "layer_norm_epsilon", "layer_norm_eps")
 _MAX_DIM = 2**31 - 1  # XLA sizes dimensions with int32 on some paths
 
 
-def config_from_hf(hf: Any, where: str) -> LlamaConfig:
-    """`LlamaConfig.from_hf` of a config.json (or its GGUF equivalent) read
-    from `where`, after checking what it sizes arrays with."""
+def config_from_hf(hf: Any, where: str) -> Any:
+    """The family config (`registry.config_from_hf`) of a config.json (or its
+    GGUF equivalent) read from `where`, after checking what it sizes arrays with."""
     if not isinstance(hf, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(hf).__name__}")
-    for key in _DIMS + _OPTIONAL_DIMS:
-        value = hf.get(key)
-        if value is None and key in _OPTIONAL_DIMS:
-            continue
-        if value is None:
-            raise ValueError(f"{where}: {key} is missing; the config is incomplete")
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_DIM:
-            raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
-    for key in ("rms_norm_eps", "rope_theta"):
-        value = hf.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not 0 < value < float("inf")):
-            raise ValueError(f"{where}: {key} must be a positive number, got {value!r}")
     for key in ("rope_scaling", "rope_parameters"):
         if hf.get(key) is not None and not isinstance(hf[key], dict):
             raise ValueError(f"{where}: {key} must be an object or null, got {hf[key]!r}")
     try:
-        return LlamaConfig.from_hf(hf)
+        cfg = registry.config_from_hf(hf)
     except KeyError as e:
         raise ValueError(f"{where}: {e.args[0]!r} is missing; the config is incomplete") from None
-    except (TypeError, ValueError, ZeroDivisionError) as e:
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
         raise ValueError(f"{where}: {e}") from None
+    for key in _DIMS + _OPTIONAL_DIMS:
+        if key in _OPTIONAL_DIMS and not hasattr(cfg, key):
+            continue  # not a size of this family
+        value = getattr(cfg, key, None)
+        if value is None:
+            raise ValueError(f"{where}: {key} is missing; the config is incomplete")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_DIM:
+            raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
+    for key in _POSITIVE:
+        value = getattr(cfg, key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value < float("inf")):
+            raise ValueError(f"{where}: {key} must be a positive number, got {value!r}")
+    return cfg
+
+# A module holding a `weight` that is a norm's scale, not a kernel: the names
+# the families use (input_layernorm, self_attn_layer_norm, norm, ln_1, ln_f, ...).
+_NORM = re.compile(r"(.*layer_?norm|norm|ln_\w+)")
+_SPECIAL = ("layers", "base_prefix", "aliases")
+
+# The family tables (`HF_NAMES` in each model file) map our top-level entries to
+# Hugging Face names: a bare leaf (embed_tokens, lm_head, ...) to its full tensor
+# name, a module (norm, ln_f, project_in, ...) to its module name; "layers" is
+# the prefix of the layer stack (`model.layers` + `.3` <-> `layers_3`),
+# "base_prefix" what checkpoints saved from the bare base model omit, and
+# "aliases" older names of tensors.
 
 
-def hf_name_to_path(name: str) -> tuple[tuple[str, ...], bool] | None:
+def _names(model_type: str) -> dict:
+    return family(model_type).hf_names
+
+
+def hf_name_to_path(name: str, model_type: str = "llama") -> tuple[tuple[str, ...], bool] | None:
     """'model.layers.0.self_attn.q_proj.weight' -> (('layers_0', 'self_attn',
     'q_proj', 'kernel'), transpose=True); None for names we do not know."""
-    if name == "model.embed_tokens.weight":
-        return ("embed_tokens",), False
-    if name == "lm_head.weight":
-        return ("lm_head",), True
-    if name == "model.norm.weight":
-        return ("norm", "scale"), False
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
-    if m is None:
+    names = _names(model_type)
+    for key, hf in names.items():
+        if key not in _SPECIAL and hf == name:  # a bare leaf: only the head is transposed
+            return (key,), key == "lm_head"
+    module, _, kind = name.rpartition(".")
+    if kind not in ("weight", "bias"):
         return None
-    layer, module, kind = m.groups()
-    parts = (f"layers_{layer}", *module.split("."))
-    if module.endswith("layernorm"):
+    m = re.fullmatch(re.escape(names["layers"]) + r"\.(\d+)\.(.+)", module)
+    if m is not None:
+        parts = (f"layers_{m.group(1)}", *m.group(2).split("."))
+    else:
+        top = [k for k, hf in names.items() if k not in _SPECIAL and hf == module]
+        if not top:
+            return None
+        parts = (top[0],)
+    if kind == "bias":
+        return (*parts, "bias"), False
+    if _NORM.fullmatch(parts[-1]):
         return (*parts, "scale"), False
-    return (*parts, "kernel" if kind == "weight" else "bias"), kind == "weight"
+    return (*parts, "kernel"), True
 
 
-def path_to_hf_name(path: tuple[str, ...]) -> str:
+def path_to_hf_name(path: tuple[str, ...], model_type: str = "llama") -> str:
     """Inverse of `hf_name_to_path` for base parameters."""
-    if path == ("embed_tokens",):
-        return "model.embed_tokens.weight"
-    if path == ("lm_head",):
-        return "lm_head.weight"
+    names = _names(model_type)
     head, *rest = path
+    if not rest:
+        return names[head]
     leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[rest[-1]]
-    if head == "norm":
-        return f"model.norm.{leaf}"
-    return ".".join(["model", "layers", head.removeprefix("layers_"), *rest[:-1], leaf])
+    if head.startswith("layers_"):
+        return ".".join([names["layers"], head.removeprefix("layers_"), *rest[:-1], leaf])
+    return ".".join([names[head], *rest[:-1], leaf])
 
 
-def abstract_params(cfg: LlamaConfig) -> dict:
-    """The base tree's shapes, without allocating (jax.eval_shape of init)."""
-    import flax.linen as nn
-    import jax.numpy as jnp
-
-    from flax_adapters.models.llama import LlamaForCausalLM
-
-    shapes = jax.eval_shape(lambda: LlamaForCausalLM(cfg).init(
-        jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-    return nn.unbox(shapes)["params"]
+def _canonical(name: str, names: dict, model_type: str) -> tuple[tuple[str, ...], bool] | None:
+    """`hf_name_to_path` of a tensor name, also under its family's aliases and
+    with the base-model prefix that checkpoints of the bare model omit."""
+    name = names.get("aliases", {}).get(name, name)
+    mapped = hf_name_to_path(name, model_type)
+    if mapped is None and not name.startswith(names["base_prefix"]):
+        mapped = hf_name_to_path(names["base_prefix"] + name, model_type)
+    return mapped
 
 
-def check_layer_count(num_layers: int, hf_names: list[str], where: str) -> None:
+def check_layer_count(num_layers: int, hf_names: list[str], where: str,
+                      model_type: str = "llama") -> None:
     """The config's layer count must be the one the weights hold: the model's
     shapes are planned per layer, so an absurd count would cost time and
     memory before any tensor is compared."""
-    found = {int(m.group(1)) for n in hf_names
-             if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    names = _names(model_type)
+    found = {mapped[0][0] for n in hf_names if (mapped := _canonical(n, names, model_type))
+             and mapped[0][0].startswith("layers_")}
     if num_layers != len(found):
         raise ValueError(f"{where}: num_hidden_layers={num_layers}, but the weights hold "
                          f"{len(found)} layers; the config does not belong to these weights")
 
 
-def hf_state_to_params(cfg: LlamaConfig, state: Any, dtype: Any = np.float32) -> dict:
+def hf_state_to_params(cfg: Any, state: Any, dtype: Any = np.float32) -> dict:
     """Converts {hf_name: array (PyTorch layout)} (a dict or an iterable of
     pairs) into our nested dict of jax arrays of `dtype`."""
     expected = {tuple(k.key for k in path): leaf.shape for path, leaf in
                 jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
     dtype = np.dtype(ml_dtypes.bfloat16 if str(dtype) == "bfloat16" else dtype)
+    names = _names(cfg.model_type)
     params: dict = {}
     seen: set[tuple[str, ...]] = set()
     for name, arr in (state.items() if isinstance(state, dict) else state):
         if _IGNORED.search(name):
             continue
-        mapped = hf_name_to_path(name)
+        mapped = _canonical(name, names, cfg.model_type)
         if mapped is not None and mapped[0] == ("lm_head",) and cfg.tie_word_embeddings:
             continue  # tied: the head is the embedding matrix
         if mapped is None or mapped[0] not in expected:
@@ -155,8 +183,8 @@ def hf_state_to_params(cfg: LlamaConfig, state: Any, dtype: Any = np.float32) ->
         seen.add(path)
     missing = sorted("/".join(p) for p in set(expected) - seen)
     if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. "
-                         f"{[path_to_hf_name(tuple(m.split('/'))) for m in missing[:3]]}")
+        some = [path_to_hf_name(tuple(m.split("/")), cfg.model_type) for m in missing[:3]]
+        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {some}")
     return params
 
 
@@ -198,7 +226,7 @@ def weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
 
 
 def load_hf_dir(directory: str | os.PathLike, dtype: Any = np.float32):
-    """(LlamaConfig, params, hf_config_dict) of a Hugging Face model directory."""
+    """(config, params, hf_config_dict) of a Hugging Face model directory."""
     directory = pathlib.Path(directory)
     config_file = directory / "config.json"
     if not config_file.exists():
@@ -211,7 +239,7 @@ def load_hf_dir(directory: str | os.PathLike, dtype: Any = np.float32):
     cfg = config_from_hf(hf, str(config_file))
     files = weight_files(directory)
     check_layer_count(cfg.num_hidden_layers, [n for f in files for n in read_header(f)[0]],
-                      str(config_file))
+                      str(config_file), cfg.model_type)
 
     def tensors():
         for f in files:

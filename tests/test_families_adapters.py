@@ -1,0 +1,208 @@
+"""Every adapter method on every family, through the shared sites: a fresh
+adapter leaves the outputs unchanged where its method says so (LoRA: B = 0;
+DoRA: m = ||W||; IA3: l = 1; bottleneck with LLM-Adapters' mam_adapter init:
+zero up-projection), one training step changes only adapter leaves, and a
+prompt / prefix decodes through the KV cache as it computes in full.
+(Parity of LoRA, IA3, prefix and prompt tuning with PEFT on each family is
+in test_families_peft.py.)
+"""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+pytest.importorskip("torch")
+
+from families import FAMILIES, VOCAB, save_tiny  # noqa: E402
+from tiny import padded_batch  # noqa: E402
+
+from flax_adapters.adapters import api, bottleneck, ia3, lora, prefix, prompt  # noqa: E402
+from flax_adapters.adapters.tree import combine, split  # noqa: E402
+from flax_adapters.checkpoints import load_pretrained  # noqa: E402
+from flax_adapters.models import init_cache, model_class  # noqa: E402
+from train.step import token_loss  # noqa: E402
+
+# method -> (config, whether a fresh adapter is the identity)
+METHODS = {
+    "lora": (lora.LoraConfig(r=4, alpha=8, dropout=0.1), True),
+    "dora": (lora.LoraConfig(r=4, alpha=8, use_dora=True, target_modules="all-linear"), True),
+    "ia3": (ia3.IA3Config(), True),
+    "adapterh": (bottleneck.BottleneckConfig(bottleneck_size=8, init="mam_adapter"), True),
+    "adapterp": (bottleneck.BottleneckConfig(bottleneck_size=8, use_adapterp=True,
+                                             init="mam_adapter"), True),
+    "parallel": (bottleneck.BottleneckConfig(bottleneck_size=8, use_parallel_adapter=True,
+                                             scaling="learned", init="mam_adapter"), True),
+    "prefix": (prefix.PrefixConfig(num_virtual_tokens=3), False),
+    "prefix_projection": (prefix.PrefixConfig(num_virtual_tokens=3, prefix_projection=True,
+                                              encoder_hidden_size=16), False),
+    "prompt": (prompt.PromptTuningConfig(num_virtual_tokens=3), False),
+}
+# P-tuning feeds the prompt site like prompt tuning (its encoder is family-independent).
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """family -> (Pretrained, base logits) of a one-layer model: the sites are
+    per layer, so one layer shows them all and compiles in half the time."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            path = tmp_path_factory.mktemp(name)
+            save_tiny(path, name, layers=1)
+            pre = load_pretrained(path)
+            built[name] = (pre, forward(pre, None)(pre.params))
+        return built[name]
+    return get
+
+
+def model_for(pre, cfg):
+    return model_class(pre.config)(pre.config, settings=api.settings_for(
+        cfg, pre.config.model_type))
+
+
+def forward(pre, cfg):
+    """params -> logits at the valid positions of the padded batch."""
+    tokens, mask = padded_batch(VOCAB)
+    model = model_for(pre, cfg)
+    return lambda params: model.apply({"params": api.materialize(params)}, jnp.asarray(tokens),
+                                      jnp.asarray(mask, bool))[0][mask.astype(bool)]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_method_runs_and_trains_only_adapter_leaves(tiny, name, method):
+    pre, base_logits = tiny(name)
+    cfg, identity = METHODS[method]
+    tree = api.inject(pre.params, cfg, jax.random.key(0), pre.config.model_type)
+    frozen, trainable = split(tree)
+    assert trainable, "the method added no adapter leaves"
+    model, fresh_logits = model_for(pre, cfg), forward(pre, cfg)
+    tokens, mask = padded_batch(VOCAB)
+    opt = optax.adam(1e-2)
+
+    @jax.jit  # one compilation per case: the fresh outputs and one training step
+    def run(trainable, frozen, opt_state):
+        def loss_fn(tr):
+            s, n = token_loss(model, combine(frozen, tr), jnp.asarray(tokens),
+                              jnp.asarray(mask, bool), jnp.asarray(mask, bool),
+                              jax.random.key(1), deterministic=False)
+            return s / n
+        loss, grads = jax.value_and_grad(loss_fn)(trainable)
+        updates, _ = opt.update(grads, opt_state)
+        return (fresh_logits(combine(frozen, trainable)), optax.apply_updates(trainable, updates),
+                loss)
+
+    frozen_copy = jax.tree.map(np.array, frozen)
+    fresh, new_trainable, loss = run(trainable, frozen, opt.init(trainable))
+    if identity:  # exact up to additions of zeros / multiplications by one
+        np.testing.assert_allclose(fresh, base_logits, atol=1e-6)
+    else:  # virtual tokens / prefix slots: a change by design
+        assert np.isfinite(fresh).all() and np.abs(fresh - base_logits).max() > 1e-3
+    assert np.isfinite(float(loss))
+    chex.assert_trees_all_equal(frozen, frozen_copy)  # the base is untouched, bit for bit
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), trainable,
+                                           new_trainable))
+    # A zero-initialised factor (LoRA's B, mam_adapter's up) gives its partner no gradient
+    # on the first step, so not every leaf moves yet; some must.
+    assert any(changed)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_prompt_and_prefix_decode_through_the_cache(tiny, name, method):
+    """Prefill, then token by token: equal to the full computation (the prompt
+    takes cache slots on the first call; the prefix is prepended each call)."""
+    pre, _ = tiny(name)
+    cfg = METHODS[method][0]
+    tree = api.inject(pre.params, cfg, jax.random.key(0), pre.config.model_type)
+    model = model_for(pre, cfg)
+    apply = jax.jit(model.apply)
+    tokens, mask = padded_batch(VOCAB)
+    full, _ = apply({"params": tree}, jnp.asarray(tokens), jnp.asarray(mask, bool))
+    out, cache = apply({"params": tree}, jnp.asarray(tokens[:, :8]), jnp.asarray(mask[:, :8], bool),
+                       cache=init_cache(pre.config, 3, 16))
+    pieces = [out]
+    for t in range(8, 12):
+        out, cache = apply({"params": tree}, jnp.asarray(tokens[:, t:t + 1]),
+                           jnp.asarray(mask[:, t:t + 1], bool), cache=cache)
+        pieces.append(out)
+    stepped = np.concatenate([np.asarray(p) for p in pieces], axis=1)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(stepped[valid], np.asarray(full)[valid], atol=1e-5)
+
+
+# LLM-Adapters' TRANSFORMERS_MODELS_TO_ADAPTER_TYPE_MAPPING (its peft/tuners/bottleneck.py);
+# gpt_neox is ours (LLM-Adapters has none): BLOOM's, the same module names.
+ADAPTER_TYPES = {
+    "bloom": {"dense_h_to_4h": "mh_adapter", "dense_4h_to_h": "output_adapter"},
+    "gptj": {"fc_in": "mh_adapter", "fc_out": "output_adapter"},
+    "opt": {"fc1": "mh_adapter", "fc2": "output_adapter"},
+    "gpt_neox": {"dense_h_to_4h": "mh_adapter", "dense_4h_to_h": "output_adapter"},
+}
+
+
+@pytest.mark.parametrize("kind", ["adapterh", "parallel"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_bottleneck_matches_llm_adapters_and_round_trips(tmp_path, name, kind):
+    """Our export, in LLM-Adapters' key names, loaded into transformers' model
+    wrapped with LLM-Adapters' bottleneck.Linear (test_adapters_bottleneck's
+    RefAdapterLinear): the same logits (1e-4, float32 as everywhere); and
+    importing the export gives back the tree."""
+    import torch
+    import transformers
+    from safetensors.numpy import load_file
+    from test_adapters_bottleneck import RefAdapterLinear
+
+    torch_model = save_tiny(tmp_path / "model", name, layers=1)
+    pre = load_pretrained(tmp_path / "model")
+    model_type = pre.config.model_type
+    cfg = bottleneck.BottleneckConfig(bottleneck_size=8, use_parallel_adapter=kind == "parallel",
+                                      non_linearity="gelu")  # "bert" init: not an identity
+    tree = api.inject(pre.params, cfg, jax.random.key(1), model_type)
+    # x10: N(0, 0.2) projections, so the adapters move these tiny models' logits visibly.
+    tree = jax.tree_util.tree_map_with_path(
+        lambda p, x: 10 * x if p[-1].key.startswith("adapter_") else x, tree)
+    out = bottleneck.export_bottleneck(tree, cfg, tmp_path / "export", model_type=model_type)
+    tensors = load_file(out / bottleneck.WEIGHTS_NAME)
+    for key in {k.rsplit(".adapter_", 1)[0].removeprefix("base_model.model.") for k in tensors}:
+        parent_name, module = key.rsplit(".", 1)
+        parent = torch_model.get_submodule(parent_name)
+        kind_ = ("parallel_adapter" if cfg.use_parallel_adapter
+                 else ADAPTER_TYPES[model_type][module])
+        setattr(parent, module, RefAdapterLinear(
+            getattr(parent, module), kind_, tensors[f"base_model.model.{key}.adapter_down.weight"],
+            tensors[f"base_model.model.{key}.adapter_up.weight"], 1.0, "gelu"))
+    tokens, mask = padded_batch(VOCAB)
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.tensor(tokens),
+                          attention_mask=torch.tensor(mask)).logits.numpy()[mask.astype(bool)]
+    mine = forward(pre, cfg)(tree)
+    assert np.abs(mine - forward(pre, None)(pre.params)).max() > 1e-2
+    assert np.abs(mine - ref).max() <= 1e-4
+    back, cfg_back = bottleneck.import_bottleneck(out, pre.params, model_type)
+    chex.assert_trees_all_close(back, tree)
+    assert cfg_back == dataclasses.replace(cfg, target_modules=cfg_back.target_modules)
+
+
+def test_a_misplaced_prefix_is_an_error_not_ignored(tiny):
+    """A bare prefix encoder materialized without its family's attention name
+    lands under LLaMA's `self_attn`, which BLOOM does not read: the model's
+    prefix site refuses to run without its prefix rather than shift the
+    positions for nothing. Named, it works."""
+    pre, _ = tiny("bloom")
+    cfg = METHODS["prefix_projection"][0]
+    frozen, encoder = split(api.inject(pre.params, cfg, jax.random.key(0), "bloom"))
+    tokens = jnp.zeros((1, 3), jnp.int32)
+    model = model_for(pre, cfg)
+    with pytest.raises(ValueError, match="holds no prefix_k"):
+        model.apply({"params": combine(frozen, prefix.materialize(encoder))}, tokens)
+    placed = combine(frozen, prefix.materialize(encoder, attention="self_attention"))
+    np.testing.assert_array_equal(
+        model.apply({"params": placed}, tokens)[0],
+        model.apply({"params": api.materialize(combine(frozen, encoder))}, tokens)[0])
