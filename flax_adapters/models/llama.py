@@ -5,7 +5,9 @@ float32, half-split rotary layout, SiLU-gated MLP), so logits match it to
 float32 rounding. Parameters mirror Hugging Face names so PEFT keys map
 one to one: `layers_3/self_attn/q_proj/kernel` is
 `model.layers.3.self_attn.q_proj.weight` transposed; `embed_tokens` (v, d),
-`norm/scale`, and `lm_head` (d, v) unless the embeddings are tied.
+`norm/scale`, and `lm_head` (d, v) unless the embeddings are tied. The
+kernels, `embed_tokens` and `lm_head` may be quantized (quant/); the model
+reads them through quant.array's ops, which dequantize inside the jit.
 
 Axis legend: b batch, t new tokens, s key slots, d model, k kv heads,
 g query heads per kv head, n head dim, v vocab.
@@ -20,6 +22,7 @@ a boolean `valid` per slot so left padding and prefixes mask correctly.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -30,6 +33,7 @@ from flax_adapters.adapters import sites
 from flax_adapters.models.config import LlamaConfig
 from flax_adapters.models.layers import (Linear, RMSNorm, apply_rope, attention_mask,
                                          dot_attention, rope_inv_freq)
+from flax_adapters.quant import array as qarray
 
 Dtype = Any
 Cache = dict[str, Any]
@@ -158,11 +162,11 @@ class LlamaForCausalLM(nn.Module):
                                                - cache.get(sites.CACHED_PROMPT, 0))
             positions_bt = jnp.maximum(past_bt + jnp.cumsum(valid_bt, axis=1) - 1, 0)
 
-        embedding = self.param(
-            "embed_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                      ("vocab", "embed")),
+        embedding = qarray.param(
+            self, "embed_tokens", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                            ("vocab", "embed")),
             (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
-        h_btd = jnp.take(embedding, tokens_bt, axis=0).astype(self.dtype)
+        h_btd = qarray.take(embedding, tokens_bt, self.dtype)
         # Prompt / prefix tuning: real positions start after the virtual tokens, and a
         # prompt's are prepended here (to h, valid, positions and the cache's slots).
         h_btd, valid_bt, positions_bt, cache = sites.embed(self, h_btd, valid_bt, positions_bt,
@@ -192,14 +196,16 @@ class LlamaForCausalLM(nn.Module):
         h_btd = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(h_btd)
 
         if cfg.tie_word_embeddings:
-            logits = jnp.einsum("btd,vd->btv", h_btd, embedding.astype(self.dtype),
-                                preferred_element_type=jnp.float32)
+            logits = qarray.apply(functools.partial(jnp.einsum, "btd,vd->btv",
+                                                    preferred_element_type=jnp.float32),
+                                  h_btd, embedding, self.dtype)
         else:
-            kernel = self.param("lm_head", nn.with_logical_partitioning(
+            kernel = qarray.param(self, "lm_head", nn.with_logical_partitioning(
                 nn.initializers.normal(0.02), ("embed", "vocab")),
                 (cfg.hidden_size, cfg.vocab_size), self.param_dtype)
-            logits = jnp.einsum("btd,dv->btv", h_btd, kernel.astype(self.dtype),
-                                preferred_element_type=jnp.float32)
+            logits = qarray.apply(functools.partial(jnp.einsum, "btd,dv->btv",
+                                                    preferred_element_type=jnp.float32),
+                                  h_btd, kernel, self.dtype)
         if new_cache is not None:
             new_cache["valid"] = key_valid_bs
             new_cache["index"] = index + t
