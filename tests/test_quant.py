@@ -494,3 +494,56 @@ def load_pretrained_quantized(path):
     from flax_adapters.checkpoints import load_pretrained
 
     return load_pretrained(path, quantize="nf4").params
+
+
+@pytest.mark.parametrize("kind, axis", [("nf4", 0), ("nf4", 1), ("int8", 0), ("int8", 1)])
+def test_quantizing_in_slices_equals_quantizing_whole(monkeypatch, kind, axis):
+    """Large weights are quantized in slices along the other axis (bounded
+    temporaries); the result must be the very same arrays."""
+    from flax_adapters.quant import array
+
+    w = weights((96, 80), seed=5)
+    whole = quantize(w, kind, axis, 16)
+    monkeypatch.setattr(array, "CHUNK", 700)  # 96 x 80 in slices of 8 or 7 rows/columns
+    sliced = quantize(w, kind, axis, 16)
+    assert jax.tree_util.tree_structure(sliced) == jax.tree_util.tree_structure(whole)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, sliced, whole)
+
+
+@pytest.mark.slow
+def test_smollm2_quantized_at_load():
+    """The real model: NF4 within the memory goal (<= 30% of bfloat16), and
+    its next-token predictions on a real paragraph. Measured: float32 NLL
+    1.917 nats/token; int8 1.900 (96% of the top-1 predictions unchanged);
+    NF4 2.433 (67% unchanged) -- a 135M model loses about half a nat at 4 bits
+    (its weights come from a Q4_1 file, so NF4 rounds them a second time).
+    Bounds: int8 within 0.05 nats and 90%, NF4 within 0.75 nats and 60%."""
+    from flax_adapters.checkpoints import default_model_path, load_pretrained
+
+    try:
+        path = default_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    text = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, "
+            "France. It is named after the engineer Gustave Eiffel, whose company designed and "
+            "built the tower. Locally nicknamed the Iron Lady, it was constructed from 1887 to "
+            "1889 as the centerpiece of the 1889 World's Fair.")
+    pre = load_pretrained(path)
+    ids = jnp.asarray([pre.tokenizer(text)["input_ids"]])
+    model = LlamaForCausalLM(pre.config)
+    fwd = jax.jit(lambda p: model.apply({"params": p}, ids)[0][0, :-1])
+
+    def nll(lg):
+        return float(-jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lg), ids[0, 1:, None], 1)))
+
+    ref = fwd(pre.params)
+    bf16_bytes = 2 * tree.num_params(pre.params)
+    bounds = {"int8": (0.05, 0.9, 0.51), "nf4": (0.75, 0.6, 0.30)}
+    for kind, (dnll, agree, memory) in bounds.items():
+        q = load_pretrained(path, quantize=kind).params
+        out = fwd(q)
+        same = float(jnp.mean(out.argmax(-1) == ref.argmax(-1)))
+        ratio = stored_bytes(q) / bf16_bytes
+        print(f"{kind}: {stored_bytes(q) / 1e6:.1f} MB = {ratio:.1%} of bfloat16; NLL "
+              f"{nll(out):.3f} vs {nll(ref):.3f}; top-1 unchanged {same:.0%}")
+        assert ratio <= memory and abs(nll(out) - nll(ref)) < dnll and same >= agree

@@ -141,13 +141,39 @@ def quantize(w: Any, kind: str = "nf4", axis: int = 0, block_size: int = 64,
         raise ValueError("cannot quantize a scalar")
     axis = axis % len(shape)
     dtype = str(jnp.dtype(w.dtype if dtype is None else dtype))
+    parts, other = _slices(w, shape, axis)
     if kind == "int8":
-        q, absmax = _int8(w, axis)
+        q, absmax = _concat([_int8(p, axis) for p in parts], other)
         return QuantizedArray(q, absmax, kind="int8", shape=shape, axis=axis,
                               block_size=shape[axis], dtype=dtype)
-    q, absmax, absmax2, offset = _nf4(w, axis, block_size, double_quant)
+    q, absmax = _concat([_nf4(p, axis, block_size) for p in parts], other)
+    absmax2 = offset = None
+    if double_quant:
+        absmax, absmax2, offset = _double_quant(absmax, axis)
     return QuantizedArray(q, absmax, absmax2, offset, kind="nf4", shape=shape, axis=axis,
                           block_size=block_size, dtype=dtype)
+
+
+CHUNK = 1 << 22  # values per quantization call (16 MB of float32)
+
+
+def _slices(w: Any, shape: tuple[int, ...], axis: int) -> tuple[list, int | None]:
+    """`w` cut along its first other axis into pieces of at most CHUNK values
+    (blocks run along `axis`, so none is cut): the float32 temporaries of a
+    49152 x 576 embedding would otherwise be several times the weight."""
+    other = next((i for i in range(len(shape)) if i != axis), None)
+    size = int(np.prod(shape))
+    if other is None or size <= CHUNK:
+        return [w], other
+    step = max(1, CHUNK // (size // shape[other]))
+    return [w[(slice(None),) * other + (slice(i, i + step),)]
+            for i in range(0, shape[other], step)], other
+
+
+def _concat(parts: list[tuple], axis: int | None) -> tuple:
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(jnp.concatenate(xs, axis=axis) for xs in zip(*parts))
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -158,8 +184,8 @@ def _int8(w, axis):
     return q.astype(jnp.int8), absmax
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _nf4(w, axis, block, double_quant):
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _nf4(w, axis, block):
     w = w.astype(jnp.float32)
     n = w.shape[axis]
     pad = -n % block
@@ -170,11 +196,10 @@ def _nf4(w, axis, block, double_quant):
     idx = codebook.nearest(w_blocks / jnp.expand_dims(_safe(absmax), axis + 1), "nf4")
     pairs = idx.reshape(_blocked(padded, axis, (n + pad) // 2, 2))
     packed = (jnp.take(pairs, 0, axis=axis + 1) << 4) | jnp.take(pairs, 1, axis=axis + 1)
-    if not double_quant:
-        return packed, absmax, None, None
-    return (packed, *_double_quant(absmax, axis))
+    return packed, absmax
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _double_quant(absmax, axis):
     """(uint8 codes of absmax - offset, absmax2 per 256-block, offset), as
     bitsandbytes' quantize_4bit(compress_statistics=True). The absmax values
