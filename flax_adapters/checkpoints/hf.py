@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from flax_adapters.checkpoints.safetensors_io import iter_tensors
+from flax_adapters.adapters.tree import BASE_LEAVES
 from flax_adapters.models.config import LlamaConfig
 from flax_adapters.quant.array import is_quantized
 from flax_adapters.quant.params import QuantConfig, quantize_leaf
@@ -154,7 +155,7 @@ def save_hf_dir(params: dict, hf_config: dict, out_dir: str | os.PathLike,
         if is_quantized(leaf):
             raise ValueError(f"{'/'.join(path)} is quantized; a model directory holds float "
                              "weights: quant.params.dequantize_params(tree) first")
-        if path[-1] not in ("kernel", "bias", "scale", "embed_tokens", "lm_head"):
+        if path[-1] not in BASE_LEAVES:
             raise ValueError(f"{'/'.join(path)} is not a base weight; merge the adapter "
                              "(api.merge) before saving a model directory")
         name = path_to_hf_name(path)
