@@ -344,8 +344,12 @@ def worker(args) -> None:
 
 
 class Worker:
-    def __init__(self, side: str, args, model_dir: str | None, env: dict):
-        cmd = [sys.executable, "-m", "bench.train_step", "--worker", side, "--batch",
+    """A `python -m <module> --worker <side>` process (this module's, or another
+    benchmark's with the same flags and protocol)."""
+
+    def __init__(self, side: str, args, model_dir: str | None, env: dict,
+                 module: str = "bench.train_step"):
+        cmd = [sys.executable, "-m", module, "--worker", side, "--batch",
                str(args.batch), "--seq", str(args.seq), "--dropout", str(args.dropout)]
         if args.mallopt:
             cmd.append("--mallopt")

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from tiny import padded_batch as tiny_padded_batch
+from tiny import perturb
 import optax
 import pytest
 
@@ -94,20 +95,6 @@ def theirs(model):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits
     return logits.numpy()[mask.astype(bool)]
-
-
-def perturb(tree, seed=1):
-    """Random, non-trivial adapter leaves: A and B get noise (B is 0 when
-    fresh), magnitudes and IA3 vectors a random factor near 1."""
-    frozen, trainable = split(tree)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(trainable)
-    key = jax.random.key(seed)
-    out = []
-    for i, (path, x) in enumerate(flat):
-        noise = jax.random.normal(jax.random.fold_in(key, i), x.shape)
-        multiplicative = path[-1].key in ("lora_magnitude", "ia3")
-        out.append(x * (1 + 0.3 * noise) if multiplicative else x + 0.2 * noise)
-    return combine(frozen, jax.tree_util.tree_unflatten(treedef, out))
 
 
 def adapted(pre, method, seed=1):

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import pathlib
 
+import jax
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from flax_adapters.adapters.tree import combine, split
 from train import arith, data
 
 
@@ -52,3 +54,17 @@ def padded_batch(vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     mask[1, :4] = 0
     mask[2, :9] = 0
     return tokens, mask
+
+
+def perturb(tree, seed=1):
+    """Random, non-trivial adapter leaves: A and B get noise (B is 0 when
+    fresh), magnitudes and IA3 vectors a random factor near 1."""
+    frozen, trainable = split(tree)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(trainable)
+    key = jax.random.key(seed)
+    out = []
+    for i, (path, x) in enumerate(flat):
+        noise = jax.random.normal(jax.random.fold_in(key, i), x.shape)
+        multiplicative = path[-1].key in ("lora_magnitude", "ia3")
+        out.append(x * (1 + 0.3 * noise) if multiplicative else x + 0.2 * noise)
+    return combine(frozen, jax.tree_util.tree_unflatten(treedef, out))

@@ -21,6 +21,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from flax_adapters.adapters.api import METHODS, AdapterConfig
+from flax_adapters.quant.params import QuantConfig
 from flax_adapters.sharding import MeshConfig
 
 
@@ -43,6 +44,21 @@ class ModelConfig:
         "storage dtype of the frozen base weights (adapters are always float32)", "float32")
     compute_dtype: Literal["float32", "bfloat16"] = doc("activation/matmul dtype", "float32")
     remat: bool = doc("recompute each layer's activations in the backward pass", False)
+    quantize: Literal["none", "nf4", "int8"] = doc(
+        "quantize the frozen base at load (QLoRA NF4 or per-channel int8; kernels, and the "
+        "embeddings unless quant_embeddings=false); dequantized inside each matmul", "none")
+    quant_block_size: int = doc("NF4 values per absmax block (QLoRA: 64)", 64)
+    quant_double: bool = doc("NF4 double quantization of the absmax values (QLoRA)", True)
+    quant_embeddings: bool = doc("also quantize the embedding table and output head", True)
+
+    def quant_config(self, skip: tuple[str, ...] = ()) -> QuantConfig | None:
+        """The QuantConfig these fields describe (None: no quantization);
+        `skip` names modules kept in float (the adapter's modules_to_save)."""
+        if self.quantize == "none":
+            return None
+        return QuantConfig(kind=self.quantize, block_size=self.quant_block_size,
+                           double_quant=self.quant_double, embeddings=self.quant_embeddings,
+                           skip=tuple(skip))
 
 
 # The embedded recipe's LoRA: every linear layer, so a 135M model learns the

@@ -58,6 +58,7 @@ class Setup:
     state_shardings: Any
     frozen_shardings: Any
     prepared: data_lib.Prepared
+    hf_config: dict | None = None  # the base's config.json (full fine-tuning exports a model)
 
 
 def _is_primary() -> bool:
@@ -66,14 +67,17 @@ def _is_primary() -> bool:
 
 def build(cfg: TrainConfig, devices=None) -> Setup:
     model_path = default_model_path() if cfg.model.path == "default" else cfg.model.path
-    pre = load_pretrained(model_path, dtype=cfg.model.param_dtype)
+    adapter_cfg = cfg.adapter.build()
+    # Trained base modules (modules_to_save) stay in float when the base is quantized.
+    quant_cfg = cfg.model.quant_config(getattr(adapter_cfg, "modules_to_save", ()))
+    pre = load_pretrained(model_path, dtype=cfg.model.param_dtype, quantize=quant_cfg)
     if pre.tokenizer is None:
         raise TrainingError(f"{model_path} has no tokenizer files; training needs one")
-    adapter_cfg = cfg.adapter.build()
     model_type = pre.config.model_type
     key = jax.random.key(cfg.seed)
     full = api.inject(pre.params, adapter_cfg, jax.random.fold_in(key, 1), model_type)
-    frozen, trainable = tree.split(full)
+    is_trainable = api.trainable(adapter_cfg)
+    frozen, trainable = tree.split(full, is_trainable)
     if not trainable:
         raise TrainingError("the adapter added no trainable leaves; nothing would be trained")
     compute = jnp.bfloat16 if cfg.model.compute_dtype == "bfloat16" else jnp.float32
@@ -86,7 +90,7 @@ def build(cfg: TrainConfig, devices=None) -> Setup:
         raise TrainingError(f"micro_batch_size={cfg.micro_batch_size} must be divisible by "
                             f"data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']}")
     names = axes.adapter_axes(full, logical_axes(pre.config))
-    frozen_names, trainable_names = tree.split(names, _leaf_is_trainable(full))
+    frozen_names, trainable_names = tree.split(names, is_trainable)
     frozen_sh = sharding.tree_shardings(frozen_names, frozen, mesh)
     trainable_sh = sharding.tree_shardings(trainable_names, trainable, mesh)
     frozen = jax.device_put(frozen, frozen_sh)
@@ -104,7 +108,7 @@ def build(cfg: TrainConfig, devices=None) -> Setup:
                                     jax.process_index(), jax.process_count(),
                                     distributed.gather))
     return Setup(model, pre.tokenizer, adapter_cfg, model_type, mesh, frozen, state, state_sh,
-                 frozen_sh, prepared)
+                 frozen_sh, prepared, pre.hf_config)
 
 
 def _opt_shardings(optimizer, trainable, trainable_sh, mesh):

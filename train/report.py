@@ -13,11 +13,16 @@ from flax_adapters.checkpoints.atomic import write_text_atomically
 
 
 def export_adapter(tree: dict, adapter_cfg: Any, out_dir: pathlib.Path, base: str,
-                   model_type: str) -> pathlib.Path:
+                   model_type: str, setup: Any = None) -> pathlib.Path:
     """PEFT format (LoRA, DoRA, IA3, prompt, prefix) or LLM-Adapters' BOTTLENECK
-    schema; written beside and renamed into place by the exporters."""
-    from flax_adapters.adapters import bottleneck, peft_io
+    schema; full fine-tuning writes a Hugging Face model directory (with the
+    base's config.json and tokenizer from `setup`). Written beside and
+    renamed into place by the exporters."""
+    from flax_adapters.adapters import bottleneck, full, peft_io
+    from flax_adapters.checkpoints.hf import save_hf_dir
 
+    if isinstance(adapter_cfg, full.FullConfig):
+        return save_hf_dir(tree, setup.hf_config, out_dir, setup.tokenizer)
     if isinstance(adapter_cfg, bottleneck.BottleneckConfig):
         return bottleneck.export_bottleneck(tree, adapter_cfg, out_dir, base, model_type)
     return peft_io.export_peft(tree, adapter_cfg, out_dir, base, model_type)
@@ -76,8 +81,9 @@ def write_report(out: pathlib.Path, cfg: Any, setup: Any, final_tree: dict,
     if jax.process_index() != 0:
         return summary
     base = cfg.model.path
-    adapter_dir = export_adapter(final_tree, setup.adapter_cfg, out / "adapter", base,
-                                 setup.model_type)
+    name = "model" if cfg.adapter.method == "full" else "adapter"
+    adapter_dir = export_adapter(final_tree, setup.adapter_cfg, out / name, base,
+                                 setup.model_type, setup)
     summary["adapter_dir"] = str(adapter_dir)
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     lines = ["| | held-out accuracy | n |", "|---|---|---|"]

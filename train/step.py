@@ -66,6 +66,8 @@ def token_loss(model, params: dict, tokens_bt, valid_bt, loss_mask_bt, key, dete
     """
     t = tokens_bt.shape[1]
     labels_bt = jnp.concatenate([tokens_bt[:, 1:], tokens_bt[:, -1:]], axis=1)
+    # The last position has no next token (its label above is a placeholder).
+    loss_mask_bt = loss_mask_bt & (jnp.arange(t) < t - 1)
     at_ba = None
     if loss_window is not None and loss_window < t:
         start_b = jnp.argmax(loss_mask_bt, axis=1)

@@ -8,6 +8,7 @@ takes the axis of the kernel dimension it shares and replicates the rest:
     kernel         W (in, out)   ('embed', 'heads')
     lora_a         A (in, r)     ('embed', None)     rank replicated
     lora_b         B (r, out)    (None, 'heads')
+    (a quantized kernel: its packed codes and absmax take the kernel's axes, quant/array.py)
     lora_magnitude m (out,)      ('heads',)
     ia3            l (1, out)    (None, 'heads')     or (in, 1): ('embed', None)
 
@@ -24,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from flax_adapters.adapters.tree import BASE_LEAVES
+from flax_adapters.quant import array as qarray
 
 Axes = tuple  # logical axis names, one per dimension (None: replicated)
 
@@ -60,7 +62,7 @@ def _walk(tree: dict, base_axes: dict, where: str) -> dict:
             if name not in base_axes:
                 raise KeyError(f"{where}{name}: no axes in base_axes; pass the axes of the same "
                                "model's base tree")
-            out[name] = tuple(base_axes[name])
+            out[name] = qarray.axes(value, tuple(base_axes[name]))
         elif name in RULES and "kernel" in base_axes:
             out[name] = RULES[name](tuple(np.shape(value)), tuple(base_axes["kernel"]))
         else:

@@ -38,11 +38,13 @@ import jax.numpy as jnp
 from flax_adapters.adapters import lora
 from flax_adapters.adapters.lora import LoraConfig
 from flax_adapters.adapters.tree import combine, get, split, with_site
+from flax_adapters.quant import array as qarray
 
 
 def column_norm(w_io: jax.Array, a_ir: jax.Array, b_ro: jax.Array, scale: float) -> jax.Array:
-    """||W + scale A B|| per output column, (out,) float32, without the (in, out) sum."""
-    w, a, b = (x.astype(jnp.float32) for x in (w_io, a_ir, b_ro))
+    """||W + scale A B|| per output column, (out,) float32, without the (in, out)
+    sum. A quantized W is dequantized (as PEFT does for a bitsandbytes base)."""
+    w, a, b = (qarray.as_float(x, jnp.float32) for x in (w_io, a_ir, b_ro))
     ww_o = jnp.einsum("io,io->o", w, w)
     wab_o = jnp.einsum("or,ro->o", jnp.einsum("io,ir->or", w, a), b)
     bab_o = jnp.einsum("ro,rs,so->o", b, jnp.einsum("ir,is->rs", a, a), b)

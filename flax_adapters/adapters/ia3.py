@@ -34,8 +34,10 @@ from flax_adapters.adapters.tree import combine, get, split, with_site
 class IA3Config:
     target_modules: targeting.TargetSpec | None = None  # None: the family's preset
     feedforward_modules: targeting.TargetSpec | None = None  # None: the family's preset
+    modules_to_save: tuple[str, ...] = ()  # base modules trained too (saved.py), as PEFT
 
     def __post_init__(self):
+        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
         # Lists become tuples: the config must be hashable (it keys jit caches).
         for name in ("target_modules", "feedforward_modules"):
             value = getattr(self, name)

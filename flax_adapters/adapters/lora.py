@@ -36,8 +36,10 @@ class LoraConfig:
     use_rslora: bool = False
     init: Literal["kaiming", "gaussian"] = "kaiming"
     use_dora: bool = False  # DoRA (dora.py): adds a magnitude vector per site
+    modules_to_save: tuple[str, ...] = ()  # base modules trained too (saved.py), as PEFT
 
     def __post_init__(self):
+        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
         if self.r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:

@@ -11,8 +11,16 @@ PEFT trains (checked against peft 0.21 in tests/test_adapters_lora.py).
     layers_0/mlp/down_proj/ia3 (in, 1)        ...down_proj.ia3_l                (1, in)  = l.T
 
 <module> is the Hugging Face module name (`model.layers.0.self_attn.q_proj`).
+
 Each method is one entry in `_EXPORTERS` (by config type) and `_IMPORTERS`
 (by PEFT's `peft_type`); prompt and prefix tuning add theirs there.
+
+modules_to_save (LoRA, DoRA, IA3; saved.py): the trained base tensors go
+under their module's own name in the PyTorch layout, e.g.
+`base_model.model.lm_head.weight` (d, v).T, and `modules_to_save` lists
+the names in adapter_config.json -- what peft 0.21 `save_pretrained`
+writes (its `ModulesToSaveWrapper.adapter_state_dict` drops the
+`modules_to_save.default.` infix) and what its load map expects.
 
 Targets: PEFT selects modules by a list of name suffixes or a regex over its
 module names. A config whose targets are plain names (or a preset, or
@@ -28,6 +36,7 @@ Pickled adapters (`adapter_model.bin`) are refused: unpickling runs code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -37,7 +46,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
-from flax_adapters.adapters import ia3, lora, prefix, prompt, targeting
+from flax_adapters.adapters import ia3, lora, prefix, prompt, saved, targeting
 from flax_adapters.adapters.tree import get as _get, split, with_site
 from flax_adapters.checkpoints.hf import hf_name_to_path, path_to_hf_name
 from flax_adapters.checkpoints.atomic import write_dir_atomically
@@ -52,7 +61,7 @@ _PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 # PEFT options that change what the weights mean and that we do not
 # implement: an adapter using any of them (a truthy value) is refused.
 _UNSUPPORTED = ("lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
-                "modules_to_save", "layer_replication", "use_qalora", "alora_invocation_tokens",
+                "layer_replication", "use_qalora", "alora_invocation_tokens",
                 "trainable_token_indices", "use_bdlora", "target_parameters")
 
 
@@ -170,18 +179,44 @@ def export_peft(tree: dict, cfg: Any, out_dir: str | os.PathLike,
             break
     else:
         raise TypeError(f"no PEFT export for {type(cfg).__name__}")
-    config, tensors = exporter(split(tree).trainable, cfg, model_type)
+    names = getattr(cfg, "modules_to_save", ())
+    adapter = split(tree, saved.trainable(names)).trainable
+    config, tensors = exporter(adapter, cfg, model_type)
     if not tensors:
         raise ValueError(f"the tree has no {type(cfg).__name__} adapter leaves to export")
+    tensors.update(_export_saved(adapter, names))
     config = {**config, "task_type": "CAUSAL_LM", "inference_mode": True,
               "base_model_name_or_path": base_model_name_or_path, "revision": None,
-              "modules_to_save": None}
+              "modules_to_save": list(names) or None}
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
 
     return write_dir_atomically(out_dir, {
         CONFIG_NAME: lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
         WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
     })
+
+
+def _export_saved(adapter: dict, names: tuple[str, ...]) -> dict:
+    """{PEFT key: PyTorch-layout array} of the modules_to_save leaves in `adapter`."""
+    out = {}
+    for path, value in _leaves(adapter):
+        if saved.selects(names, path):
+            value = np.asarray(value, np.float32)
+            name = path_to_hf_name(path)
+            out[PREFIX + name] = value.T if hf_name_to_path(name)[1] else value
+    for n in names:
+        if not any(saved.selects((n,), p) for p, _ in _leaves(adapter)):
+            raise ValueError(f"modules_to_save {n!r}: the tree holds no trained weights of such "
+                             "a module; pass the adapted tree (or its trainable part)")
+    return out
+
+
+def _leaves(tree: dict, prefix: tuple[str, ...] = ()):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
 
 
 # --- import --------------------------------------------------------------
@@ -193,9 +228,11 @@ _LEAF = {"lora_A.weight": "lora_a", "lora_B.weight": "lora_b",
          "lora_magnitude", "ia3_l": "ia3"}
 
 
-def _read_tensors(directory: pathlib.Path, base: dict,
-                  model_type: str) -> dict[str, dict[str, np.ndarray]]:
-    """{site: {our leaf name: array in our layout, float32}}, checked against `base`."""
+def _read_tensors(directory: pathlib.Path, base: dict, model_type: str,
+                  modules_to_save: tuple[str, ...] = ()
+                  ) -> tuple[dict[str, dict[str, np.ndarray]], dict[tuple[str, ...], np.ndarray]]:
+    """({site: {our leaf name: array in our layout, float32}}, {base leaf path:
+    trained modules_to_save array, our layout}), checked against `base`."""
     weights = directory / WEIGHTS_NAME
     if not weights.exists():
         pickled = [n for n in _PICKLED_NAMES if (directory / n).exists()]
@@ -207,8 +244,24 @@ def _read_tensors(directory: pathlib.Path, base: dict,
         raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME}")
     sites_ = set(targeting.linear_sites(base))
     found: dict[str, dict[str, np.ndarray]] = {}
+    kept: dict[tuple[str, ...], np.ndarray] = {}
+    base_shapes = dict(_leaves(base))
     for key, arr in iter_tensors(weights):
         m = _KEY.fullmatch(key)
+        mapped = None if m else hf_name_to_path(key.removeprefix(PREFIX), model_type)
+        if mapped is not None and mapped[0] in base_shapes:
+            path, transpose = mapped
+            if not saved.selects(modules_to_save, path):
+                raise ValueError(f"{weights}: tensor {key!r} is a base weight, but "
+                                 f"modules_to_save {list(modules_to_save)} does not select its "
+                                 "module")
+            value = np.asarray(arr, np.float32)
+            value = value.T if transpose else value
+            if value.shape != tuple(base_shapes[path].shape):
+                raise ValueError(f"{weights}: tensor {key!r} has shape {tuple(arr.shape)}, "
+                                 "which does not fit the base model")
+            kept[path] = value
+            continue
         site = site_name(m.group(1), model_type) if m else None
         if site is None or site not in sites_:
             raise ValueError(f"{weights}: tensor {key!r} has no place in this base model "
@@ -228,7 +281,7 @@ def _read_tensors(directory: pathlib.Path, base: dict,
                 raise ValueError(f"{site}/{name}: shape {value.shape} does not fit the base "
                                  f"kernel (in={d_in}, out={d_out}); was the adapter trained "
                                  "on another model?")
-    return found
+    return found, kept
 
 
 # LoRA inits that also rewrite the base weights: such an adapter only works
@@ -320,15 +373,33 @@ def import_peft(adapter_dir: str | os.PathLike, base_tree: dict,
         bad["bias"] = config["bias"]
     if bad:
         raise ValueError(f"{directory}: PEFT option(s) {bad} are not supported")
+    names = tuple(config.get("modules_to_save") or ())
     if peft_type in _PROMPT_IMPORTERS:
+        if names:
+            raise ValueError(f"{directory}: modules_to_save is supported with LoRA, DoRA and "
+                             f"IA3 adapters, not {peft_type}")
         return _PROMPT_IMPORTERS[peft_type](config, _prompt_embeddings(directory), base_tree)
-    found = _read_tensors(directory, base_tree, model_type)
+    found, kept = _read_tensors(directory, base_tree, model_type, names)
     cfg = _IMPORTERS[peft_type](config, found, base_tree)
     tree = base_tree
     for site, leaves in found.items():
         tree = with_site(tree, site, lambda m, x=leaves: {
             **m, **{k: jnp.asarray(v) for k, v in x.items()}})
+    if names:
+        cfg = dataclasses.replace(cfg, modules_to_save=names)
+        absent = [saved.module_name(p) for p in saved.check(tree, names) if p not in kept]
+        if absent:
+            raise ValueError(f"{directory}: modules_to_save selects {absent[:3]}, but "
+                             f"{WEIGHTS_NAME} holds no trained weights for them")
+        for path, value in kept.items():
+            tree = _with_leaf(tree, path, jnp.asarray(value))
     return tree, cfg
+
+
+def _with_leaf(tree: dict, path: tuple[str, ...], value) -> dict:
+    if len(path) == 1:
+        return {**tree, path[0]: value}
+    return with_site(tree, "/".join(path[:-1]), lambda m: {**m, path[-1]: value})
 
 
 def _check_model_type(model_type: str) -> None:

@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_adapters.quant import array as qarray
+
 EMBEDDINGS, ENCODER = "prompt_embeddings", "prompt_encoder"
 
 
@@ -128,7 +130,7 @@ def init(base: dict, cfg: PromptTuningConfig | PTuningConfig, key: jax.Array,
 
             tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path)
             ids = jnp.asarray(text_token_ids(tokenizer(cfg.init_text)["input_ids"], p))
-        prompts = jnp.take(vocab, ids, axis=0).astype(jnp.float32)
+        prompts = qarray.take(vocab, ids, jnp.float32)
     return {**base, EMBEDDINGS: prompts}
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_adapters.adapters import bottleneck, dora, prefix, prompt
+from flax_adapters.quant import array as qarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +122,7 @@ def _dora(mdl, x, y, a, b, m, settings: Settings, deterministic: bool) -> jax.Ar
     else:
         # Under dropout PEFT recomputes the base path on the dropped input.
         x_d = _dropout(mdl, x, settings.lora_dropout, deterministic)
-        base = x_d @ kernel.astype(y.dtype)
+        base = qarray.matmul(x_d, kernel, y.dtype)
     low = (x_d @ a.astype(y.dtype)) @ b.astype(y.dtype)
     return y + (f - 1) * base + f * settings.lora_scale * low
 

@@ -17,6 +17,8 @@ from typing import Sequence, Union
 
 import jax
 
+from flax_adapters.quant.array import is_quantized
+
 log = logging.getLogger(__name__)
 
 TargetSpec = Union[str, Sequence[str]]
@@ -79,7 +81,8 @@ def path_str(path) -> str:
 def linear_sites(tree: dict) -> list[str]:
     """Every module of `tree` that holds a `kernel`, in tree order."""
     sites = []
-    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    # A quantized kernel is one leaf here (its packed arrays are not sites).
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]:
         name = path_str(path)
         if name.endswith("/kernel"):
             sites.append(name.removesuffix("/kernel"))

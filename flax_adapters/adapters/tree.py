@@ -20,6 +20,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
+from flax_adapters.quant.array import is_quantized
+
 BASE_LEAVES = frozenset({"kernel", "bias", "scale", "embed_tokens", "lm_head",
                          "embed_positions", "lm_head_bias"})
 
@@ -77,7 +79,8 @@ def with_site(tree: dict, site: str, fn: Callable[[dict], dict]) -> dict:
 
 
 def num_params(tree: Any) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+    """Parameters (a quantized array counts the values it stands for)."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_quantized))
 
 
 def trainable_report(tree: dict) -> str:

