@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import math
 import pathlib
 import types
 import typing
@@ -38,6 +39,9 @@ class ModelConfig:
         "storage dtype of the frozen base weights (adapters are always float32)", "float32")
     compute_dtype: Literal["float32", "bfloat16"] = doc("activation/matmul dtype", "float32")
     remat: bool = doc("recompute each layer's activations in the backward pass", False)
+    config_json: str | None = doc(
+        "a config.json to plan with (--dry_run) when model.path is a hub id that cannot be "
+        "reached and is not one of the paper models the planner knows", None)
 
 
 # The embedded recipe's LoRA: every linear layer, so a 135M model learns the
@@ -98,7 +102,10 @@ class TrainConfig:
                            MeshConfig())
     output_dir: str = doc("where checkpoints, the exported adapter and the report go",
                           "runs/default")
-    steps: int = doc("optimizer steps", 30)
+    steps: int | None = doc("optimizer steps; null = derived from epochs (see resolve_steps)",
+                            None)
+    epochs: float | None = doc("passes over the training data, as LLM-Adapters' num_epochs; "
+                               "used only when steps is null", None)
     batch_size: int = doc("global batch size (examples per optimizer step)", 16)
     micro_batch_size: int = doc("examples per forward/backward; batch_size must be a "
                                 "multiple (gradient accumulation)", 16)
@@ -215,10 +222,36 @@ def load(path: str | None, overrides: list[str]) -> TrainConfig:
         data = apply_override(data, o)
     cfg = from_dict(TrainConfig, data)
     cfg.adapter.build()  # validate the adapter settings early
+    if cfg.steps is not None and cfg.steps < 1:
+        raise ValueError(f"steps={cfg.steps} must be >= 1 (or null to derive it from epochs)")
+    if cfg.epochs is not None and cfg.epochs <= 0:
+        raise ValueError(f"epochs={cfg.epochs} must be > 0 (or null)")
     if cfg.batch_size % cfg.micro_batch_size:
         raise ValueError(f"batch_size={cfg.batch_size} is not a multiple of "
                          f"micro_batch_size={cfg.micro_batch_size}")
     return cfg
+
+
+# Steps when neither steps nor epochs is given: the embedded recipe's.
+DEFAULT_STEPS = 30
+
+
+def resolve_steps(cfg: TrainConfig, steps_per_epoch: int) -> TrainConfig:
+    """`cfg` with `steps` an int. Precedence: `steps` when given (so
+    `steps=10` cuts any recipe short); else ceil(epochs x steps_per_epoch),
+    where an epoch is `len(train examples) // batch_size` steps (the
+    remainder is dropped, train/data.py TrainBatches); else DEFAULT_STEPS.
+
+    LLM-Adapters' HF Trainer counts ceil(n / micro_batch_size) //
+    accumulation steps per epoch, which can be one more than ours."""
+    if cfg.steps is not None:
+        return cfg
+    if cfg.epochs is None:
+        return dataclasses.replace(cfg, steps=DEFAULT_STEPS)
+    if steps_per_epoch < 1:
+        raise ValueError(f"an epoch has {steps_per_epoch} steps; the data cannot fill one batch "
+                         f"of batch_size={cfg.batch_size}")
+    return dataclasses.replace(cfg, steps=max(1, math.ceil(cfg.epochs * steps_per_epoch)))
 
 
 def help_text(cls: type = TrainConfig, prefix: str = "") -> str:

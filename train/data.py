@@ -340,7 +340,7 @@ def _load_json(path: pathlib.Path) -> list[Record]:
     import datasets  # heavy import, only when a file is read
 
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise FileNotFoundError(f"data file {path} does not exist; {_SET_DATA_PATH}")
     try:
         ds = datasets.load_dataset("json", data_files=str(path), split="train")
     except Exception as e:  # noqa: BLE001 -- explain in one line, below
@@ -368,6 +368,19 @@ def _load_hub(name: str) -> list[Record]:
                          f"unreachable: pass a local LLM-Adapters .json file or "
                          f"{EMBEDDED_ARITH!r}") from None
     return _check_records(ds.to_list(), name)
+
+
+_SET_DATA_PATH = (f"set data.path to an LLM-Adapters JSON file (e.g. math_10k.json or "
+                  f"commonsense_170k.json from the LLM-Adapters repository's ft-training_set/), "
+                  f"a hub dataset name, or {EMBEDDED_ARITH!r}")
+
+
+def check_source(path: str) -> None:
+    """Fails early, with the fix in the message, when `path` names a local
+    JSON file that is not there (hub names and embedded sources pass)."""
+    p = pathlib.Path(path).expanduser()
+    if not path.startswith("embedded:") and p.suffix in (".json", ".jsonl") and not p.is_file():
+        raise FileNotFoundError(f"data file {p} does not exist; {_SET_DATA_PATH}")
 
 
 def load_records(path: str, *, embedded_train_size: int = 2000,

@@ -29,7 +29,7 @@ from flax_adapters.generate import GenerationConfig, generate
 from flax_adapters.models import logical_axes, model_class
 from train import data as data_lib
 from train.checkpoint import Checkpointer
-from train.config import TrainConfig, to_dict
+from train.config import TrainConfig, resolve_steps, to_dict
 from train.report import write_report
 from train.step import TrainState, eval_step, make_optimizer, train_step
 
@@ -61,10 +61,14 @@ def _is_primary() -> bool:
 
 
 def build(cfg: TrainConfig, devices=None) -> Setup:
+    data_lib.check_source(cfg.data.path)  # before a multi-GB model load, not after
     model_path = default_model_path() if cfg.model.path == "default" else cfg.model.path
     pre = load_pretrained(model_path, dtype=cfg.model.param_dtype)
     if pre.tokenizer is None:
         raise TrainingError(f"{model_path} has no tokenizer files; training needs one")
+    prepared = data_lib.prepare(cfg.data, pre.tokenizer, batch_size=cfg.batch_size,
+                                seed=cfg.seed)
+    cfg = resolve_steps(cfg, prepared.info["steps_per_epoch"])  # the schedule needs steps
     adapter_cfg = cfg.adapter.build()
     model_type = pre.config.model_type
     key = jax.random.key(cfg.seed)
@@ -95,8 +99,6 @@ def build(cfg: TrainConfig, devices=None) -> Setup:
     state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh)),
                        trainable, opt_state)
     state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    prepared = data_lib.prepare(cfg.data, pre.tokenizer, batch_size=cfg.batch_size,
-                                seed=cfg.seed)
     return Setup(model, pre.tokenizer, adapter_cfg, model_type, mesh, frozen, state, state_sh,
                  frozen_sh, prepared)
 
@@ -229,6 +231,7 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     out = pathlib.Path(cfg.output_dir)
     _check_output_dir(out, resume, overwrite)
     s = build(cfg, devices)
+    cfg = resolve_steps(cfg, s.prepared.info["steps_per_epoch"])  # as build resolved it
     info = s.prepared.info
     log.info("data: %s", json.dumps(info))
     log.info("model: %s, %s", s.model_type, tree.trainable_report(
