@@ -34,11 +34,11 @@ remat they keep only their inputs (rho'); the layer being differentiated is
 recomputed (rho) and its backward needs about two layers' worth more, as
 measured. Checked against XLA's buffer assignment of the compiled train step
 of tiny models (`compiled.memory_analysis()`, tests/test_plan.py): measured
-/ estimate was 0.63-1.20 over LoRA (with dropout, float32 and bfloat16),
-series, parallel and prefix, remat off and on. The estimate errs high where
-XLA fuses residuals away (series, prefix: ~0.65) and low by up to 20% with
-bfloat16 on CPU (not checked on TPUs and GPUs, which have no such machine
-here). The CPU backend's default (concurrency-optimised)
+/ estimate was 0.62-1.12 in float32 over LoRA (with dropout), series,
+parallel and prefix, remat off and on; the estimate errs high where XLA fuses
+residuals away (series, prefix: ~0.65). In bfloat16 on CPU it was 1.16 (remat
+off) and 1.52 (remat on): XLA:CPU keeps float32 copies of bfloat16 work;
+TPUs and GPUs need not, but no such device was at hand to measure. The CPU backend's default (concurrency-optimised)
 scheduler hoists the recomputation, so there remat saves almost nothing
 (measured: 79.7 vs 85.3 KB per token on an 8-layer model); with
 `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false` it does.
