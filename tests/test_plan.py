@@ -141,6 +141,9 @@ def test_errors_say_what_to_do(tmp_path):
                                  f"model.config_json={tmp_path / 'missing.json'}"])
     with pytest.raises(FileNotFoundError, match="model.config_json"):
         plan.make_plan(cfg, num_devices=1)
+    cfg = config_lib.load(None, ["model.path=someone/unknown-model"])  # no hub here
+    with pytest.raises(FileNotFoundError, match="pass model.config_json=/path/to/config.json"):
+        plan.make_plan(cfg, num_devices=1)
     cfg = config_lib.load(None, ["model.path=yahma/llama-7b-hf", "micro_batch_size=4",
                                  "batch_size=16"])
     with pytest.raises(ValueError, match="micro_batch_size=4 must be divisible by data x fsdp = 8"):

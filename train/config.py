@@ -102,8 +102,8 @@ class TrainConfig:
                            MeshConfig())
     output_dir: str = doc("where checkpoints, the exported adapter and the report go",
                           "runs/default")
-    steps: int | None = doc("optimizer steps; null = derived from epochs (see resolve_steps)",
-                            None)
+    steps: int | None = doc("optimizer steps; null: ceil(epochs x steps per epoch), or 30 "
+                            "when epochs is null too (resolve_steps)", None)
     epochs: float | None = doc("passes over the training data, as LLM-Adapters' num_epochs; "
                                "used only when steps is null", None)
     batch_size: int = doc("global batch size (examples per optimizer step)", 16)

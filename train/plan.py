@@ -289,25 +289,16 @@ def _tensor_rows(shapes: dict, names: dict, shardings: dict, role: str) -> list:
     """One row per distinct tensor, layers folded: ('layers_*/mlp/up_proj/kernel', count,
     shape, dtype, logical axes, PartitionSpec, per-device shape, role)."""
     rows: dict = {}
-    leaves = zip(jax.tree_util.tree_flatten_with_path(shapes)[0],
+    axes_leaves = jax.tree_util.tree_leaves(names, is_leaf=lambda x: isinstance(x, tuple))
+    leaves = zip(jax.tree_util.tree_flatten_with_path(shapes)[0], axes_leaves,
                  jax.tree_util.tree_leaves(shardings))
-    flat_names = dict(_flat(names))
-    for (path, x), sh in leaves:
-        keys = tuple(k.key for k in path)
-        name = re.sub(r"^layers_\d+", "layers_*", "/".join(keys))
-        key = (name, x.shape, str(x.dtype), tuple(flat_names[keys]), str(sh.spec), role)
+    for (path, x), ax, sh in leaves:
+        name = re.sub(r"^layers_\d+", "layers_*", "/".join(k.key for k in path))
+        key = (name, x.shape, str(x.dtype), ax, str(sh.spec), role)
         count, per = rows.get(key, (0, sh.shard_shape(x.shape)))
         rows[key] = (count + 1, per)
     return [(name, count, shape, dtype, ax, spec, per, role)
             for (name, shape, dtype, ax, spec, role), (count, per) in rows.items()]
-
-
-def _flat(t: dict, prefix=()):
-    for k, v in t.items():
-        if isinstance(v, dict):
-            yield from _flat(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
 
 
 def _count_records(path: str, embedded_train_size: int) -> int | None:
