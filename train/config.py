@@ -130,6 +130,11 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             raise ValueError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
         return value
     if origin in (Union, types.UnionType):
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(arms) < len(typing.get_args(tp)):
+            return None
+        if len(arms) == 1:  # Optional[X]: X's own message ("expected int, got 'abc'")
+            return _check_type(value, arms[0], where)
         for arm in typing.get_args(tp):
             try:
                 return _check_type(value, arm, where)
