@@ -45,6 +45,22 @@ class MeshConfig:
     tensor: int = 1
 
 
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes of `cfg` on `num_devices` devices (-1 resolved)."""
+    shape = [cfg.data, cfg.fsdp, cfg.tensor]
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh {cfg}: at most one axis may be -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"mesh {cfg}: {num_devices} devices are not divisible by {known}")
+        shape[shape.index(-1)] = num_devices // known
+    if int(np.prod(shape)) != num_devices:
+        raise ValueError(f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} needs "
+                         f"{int(np.prod(shape))} devices, but {num_devices} are available")
+    return tuple(shape)
+
+
 def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: every process's).
 
@@ -55,18 +71,13 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
     them), and no batch shard straddles processes needlessly."""
     devices = sorted(devices if devices is not None else jax.devices(),
                      key=lambda d: (d.process_index, d.id))
-    shape = [cfg.data, cfg.fsdp, cfg.tensor]
-    if shape.count(-1) > 1:
-        raise ValueError(f"mesh {cfg}: at most one axis may be -1")
-    known = int(np.prod([s for s in shape if s != -1]))
-    if -1 in shape:
-        if len(devices) % known:
-            raise ValueError(f"mesh {cfg}: {len(devices)} devices are not divisible by {known}")
-        shape[shape.index(-1)] = len(devices) // known
-    if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} needs "
-                         f"{int(np.prod(shape))} devices, but {len(devices)} are available")
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    return Mesh(np.asarray(devices).reshape(mesh_shape(cfg, len(devices))), MESH_AXES)
+
+
+def abstract_mesh(cfg: MeshConfig, num_devices: int) -> jax.sharding.AbstractMesh:
+    """The mesh of `cfg` on `num_devices` devices that need not exist (for
+    planning: shardings and shard shapes, no devices touched)."""
+    return jax.sharding.AbstractMesh(mesh_shape(cfg, num_devices), MESH_AXES)
 
 
 def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:

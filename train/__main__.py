@@ -1,8 +1,10 @@
-"""`python -m train [--config FILE] [key.sub=value ...] [--resume] [--overwrite]`
+"""`python -m train [--config FILE] [key.sub=value ...] [--resume] [--overwrite] [--dry_run]`
 
 With no arguments: SmolLM2-135M-Instruct (the embedded default model) + LoRA
 on the embedded arithmetic word problems, then held-out accuracy before and
-after. `--help` lists every config field.
+after. `--help` lists every config field. `--dry_run` prints the plan
+(parameters, memory per device, shardings, whether it fits) and exits
+without loading weights (train/plan.py).
 
 Several hosts: run the same command on every host. TPU pod slices and SLURM
 job steps are detected; elsewhere pass --coordinator_address,
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 
@@ -36,6 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing run in output_dir (deleted only once the "
                         "new run has loaded its model and data)")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="print the plan (parameters, memory per device, shardings, fit) "
+                        "without loading weights or allocating, then exit")
+    parser.add_argument("--device", help="--dry_run: the device kind to check the fit on "
+                        "(v4, v5e, v5p, v6e, a100-40gb, a100-80gb, h100, l4, t4); default: "
+                        "this machine's")
+    parser.add_argument("--device_memory_gb", type=float,
+                        help="--dry_run: memory per device in GiB (overrides --device)")
+    parser.add_argument("--num_devices", type=int,
+                        help="--dry_run: devices of the mesh; default: this machine's")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
     multi = parser.add_argument_group(
         "several processes", "detected on TPU pod slices and in SLURM job steps; elsewhere "
@@ -57,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+    if args.dry_run:
+        return _dry_run(cfg, args)
 
     from train.runtime import keep_freed_memory
     keep_freed_memory()  # before JAX allocates anything; see train/runtime.py
@@ -108,6 +124,31 @@ def main(argv: list[str] | None = None) -> int:
         distributed.fail(f"error: {type(e).__name__}: {e}".splitlines()[0],
                          details=traceback.format_exc())
     distributed.stop()
+    return 0
+
+
+def _dry_run(cfg, args) -> int:
+    # A plan touches no device memory; on GPUs, do not let JAX's backend
+    # start-up preallocate most of it either.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+
+    from train import plan
+
+    kind, memory_gb = args.device, args.device_memory_gb
+    if kind is None and memory_gb is None:
+        device = jax.devices()[0]
+        kind = device.device_kind if device.platform != "cpu" else "cpu"
+        limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" \
+            else None
+        memory_gb = None if limit is None else limit / plan.GiB
+    try:
+        p = plan.make_plan(cfg, num_devices=args.num_devices or jax.device_count(),
+                           device_kind=kind, device_memory_gb=memory_gb)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(plan.format_plan(p))
     return 0
 
 

@@ -59,6 +59,9 @@ class ModelConfig:
         return QuantConfig(kind=self.quantize, block_size=self.quant_block_size,
                            double_quant=self.quant_double, embeddings=self.quant_embeddings,
                            skip=tuple(skip))
+    config_json: str | None = doc(
+        "a config.json to plan with (--dry_run) when model.path is a hub id that cannot be "
+        "reached and is not one of the paper models the planner knows", None)
 
 
 # The embedded recipe's LoRA: every linear layer, so a 135M model learns the
@@ -125,7 +128,10 @@ class TrainConfig:
                            MeshConfig())
     output_dir: str = doc("where checkpoints, the exported adapter and the report go",
                           "runs/default")
-    steps: int = doc("optimizer steps", 30, ge=1)
+    steps: int | None = doc("optimizer steps; null: ceil(epochs x steps per epoch), or 30 "
+                            "when epochs is null too (resolve_steps)", None, ge=1)
+    epochs: float | None = doc("passes over the training data, as LLM-Adapters' num_epochs; "
+                               "used only when steps is null", None, gt=0)
     batch_size: int = doc("global batch size (examples per optimizer step)", 16, ge=1)
     micro_batch_size: int = doc("examples per forward/backward; batch_size must be a "
                                 "multiple (gradient accumulation)", 16, ge=1)
@@ -150,6 +156,11 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             raise ValueError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
         return value
     if origin in (Union, types.UnionType):
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(arms) < len(typing.get_args(tp)):
+            return None
+        if len(arms) == 1:  # Optional[X]: X's own message ("expected int, got 'abc'")
+            return _check_type(value, arms[0], where)
         for arm in typing.get_args(tp):
             try:
                 return _check_type(value, arm, where)
@@ -187,6 +198,8 @@ _BOUNDS = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
 
 
 def _check_bounds(value: Any, bounds: dict, where: str) -> Any:
+    if value is None:  # an optional field left unset
+        return value
     for kind, bound in bounds.items():
         holds, sign = _BOUNDS[kind]
         if not holds(value, bound):
@@ -294,10 +307,36 @@ def load(path: str | None, overrides: list[str]) -> TrainConfig:
         if size != -1 and size < 1:
             raise ValueError(f"mesh.{axis}={size}: a mesh axis is a device count >= 1, or -1 "
                              "for all the remaining devices")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise ValueError(f"steps={cfg.steps} must be >= 1 (or null to derive it from epochs)")
+    if cfg.epochs is not None and cfg.epochs <= 0:
+        raise ValueError(f"epochs={cfg.epochs} must be > 0 (or null)")
     if cfg.batch_size % cfg.micro_batch_size:
         raise ValueError(f"batch_size={cfg.batch_size} is not a multiple of "
                          f"micro_batch_size={cfg.micro_batch_size}")
     return cfg
+
+
+# Steps when neither steps nor epochs is given: the embedded recipe's.
+DEFAULT_STEPS = 30
+
+
+def resolve_steps(cfg: TrainConfig, steps_per_epoch: int) -> TrainConfig:
+    """`cfg` with `steps` an int. Precedence: `steps` when given (so
+    `steps=10` cuts any recipe short); else ceil(epochs x steps_per_epoch),
+    where an epoch is `len(train examples) // batch_size` steps (the
+    remainder is dropped, train/data.py TrainBatches); else DEFAULT_STEPS.
+
+    LLM-Adapters' HF Trainer counts ceil(n / micro_batch_size) //
+    accumulation steps per epoch, which can be one more than ours."""
+    if cfg.steps is not None:
+        return cfg
+    if cfg.epochs is None:
+        return dataclasses.replace(cfg, steps=DEFAULT_STEPS)
+    if steps_per_epoch < 1:
+        raise ValueError(f"an epoch has {steps_per_epoch} steps; the data cannot fill one batch "
+                         f"of batch_size={cfg.batch_size}")
+    return dataclasses.replace(cfg, steps=max(1, math.ceil(cfg.epochs * steps_per_epoch)))
 
 
 def help_text(cls: type = TrainConfig, prefix: str = "") -> str:

@@ -446,7 +446,7 @@ def _load_json(path: pathlib.Path) -> list[Record]:
     (under datasets) segfaults on deeply nested input (measured: 100,000
     brackets), taking the whole run down with no message."""
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist" if not path.exists() else
+        raise FileNotFoundError(f"data file {path} does not exist; {_SET_DATA_PATH}" if not path.exists() else
                                 f"data path {path} is not a file; pass an LLM-Adapters .json")
     line = 0  # of the JSON line being parsed; 0 for a whole-file document
     try:
@@ -482,6 +482,19 @@ def _load_hub(name: str) -> list[Record]:
                          f"unreachable: pass a local LLM-Adapters .json file or "
                          f"{EMBEDDED_ARITH!r}") from None
     return _check_records(ds.to_list(), name)
+
+
+_SET_DATA_PATH = (f"set data.path to an LLM-Adapters JSON file (e.g. math_10k.json or "
+                  f"commonsense_170k.json from the LLM-Adapters repository's ft-training_set/), "
+                  f"a hub dataset name, or {EMBEDDED_ARITH!r}")
+
+
+def check_source(path: str) -> None:
+    """Fails early, with the fix in the message, when `path` names a local
+    JSON file that is not there (hub names and embedded sources pass)."""
+    p = pathlib.Path(path).expanduser()
+    if not path.startswith("embedded:") and p.suffix in (".json", ".jsonl") and not p.is_file():
+        raise FileNotFoundError(f"data file {p} does not exist; {_SET_DATA_PATH}")
 
 
 def load_records(path: str, *, embedded_train_size: int = 2000,

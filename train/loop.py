@@ -33,7 +33,7 @@ from train import data as data_lib
 from train import distributed
 from train import preempt
 from train.checkpoint import Checkpointer
-from train.config import TrainConfig, resume_mismatches, to_dict
+from train.config import TrainConfig, resolve_steps, resume_mismatches, to_dict
 from train.report import read_heldout, write_heldout, write_report
 from train.step import TrainState, eval_step, make_optimizer, nonfinite_verdict, train_step
 
@@ -66,6 +66,7 @@ def _is_primary() -> bool:
 
 
 def build(cfg: TrainConfig, devices=None) -> Setup:
+    data_lib.check_source(cfg.data.path)  # before a multi-GB model load, not after
     model_path = default_model_path() if cfg.model.path == "default" else cfg.model.path
     adapter_cfg = cfg.adapter.build()
     # Trained base modules (modules_to_save) stay in float when the base is quantized.
@@ -73,6 +74,11 @@ def build(cfg: TrainConfig, devices=None) -> Setup:
     pre = load_pretrained(model_path, dtype=cfg.model.param_dtype, quantize=quant_cfg)
     if pre.tokenizer is None:
         raise TrainingError(f"{model_path} has no tokenizer files; training needs one")
+    prepared = data_lib.prepare(cfg.data, pre.tokenizer, batch_size=cfg.batch_size,
+                                seed=cfg.seed, share=data_lib.Share(
+                                    jax.process_index(), jax.process_count(),
+                                    distributed.gather))
+    cfg = resolve_steps(cfg, prepared.info["steps_per_epoch"])  # the schedule needs steps
     model_type = pre.config.model_type
     key = jax.random.key(cfg.seed)
     full = api.inject(pre.params, adapter_cfg, jax.random.fold_in(key, 1), model_type)
@@ -103,10 +109,6 @@ def build(cfg: TrainConfig, devices=None) -> Setup:
     state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh)),
                        trainable, opt_state)
     state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    prepared = data_lib.prepare(cfg.data, pre.tokenizer, batch_size=cfg.batch_size,
-                                seed=cfg.seed, share=data_lib.Share(
-                                    jax.process_index(), jax.process_count(),
-                                    distributed.gather))
     return Setup(model, pre.tokenizer, adapter_cfg, model_type, mesh, frozen, state, state_sh,
                  frozen_sh, prepared, pre.hf_config)
 
@@ -269,6 +271,7 @@ def run(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     out = pathlib.Path(cfg.output_dir)
     replace = _check_output_dir(out, resume, overwrite)
     s = build(cfg, devices)
+    cfg = resolve_steps(cfg, s.prepared.info["steps_per_epoch"])  # as build resolved it
     if replace:
         _clear(out)
     distributed.barrier("output_dir cleared")  # before any process writes into it

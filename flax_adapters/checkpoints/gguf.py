@@ -72,11 +72,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], Any
     """(HF config.json dict, {hf_name: float32 (out, in) array}, tokenizer or None)."""
     path = pathlib.Path(path)
     reader = _open(path)
-    try:
-        meta = {name: field.contents() for name, field in reader.fields.items()}
-    except Exception as e:  # noqa: BLE001 -- gguf-py raises assorted types on bad bytes
-        raise ValueError(f"{path}: the GGUF metadata is corrupt ({e}); re-download or "
-                         "re-convert the file") from e
+    meta = _metadata(reader, path)
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"{path.name}: GGUF architecture {arch!r} is not supported; "
@@ -111,6 +107,22 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], Any
             w = _unpermute_rotary(w, heads[module], config["head_dim"])
         state[hf_name] = w
     return config, state, _tokenizer(meta)
+
+
+def read_gguf_config(path: str | os.PathLike) -> dict:
+    """The HF config.json dict of a GGUF file, from its header alone (the
+    tensors are memory-mapped, never read or dequantized)."""
+    path = pathlib.Path(path)
+    reader = _open(path)
+    return _hf_config(_metadata(reader, path), {t.name: t for t in reader.tensors}, path.name)
+
+
+def _metadata(reader: gguf.GGUFReader, path: pathlib.Path) -> dict:
+    try:
+        return {name: field.contents() for name, field in reader.fields.items()}
+    except Exception as e:  # noqa: BLE001 -- gguf-py raises assorted types on bad bytes
+        raise ValueError(f"{path}: the GGUF metadata is corrupt ({e}); re-download or "
+                         "re-convert the file") from e
 
 
 def _open(path: pathlib.Path) -> gguf.GGUFReader:

@@ -1,0 +1,470 @@
+"""`python -m train --dry_run`: what a run will hold on each device, before
+it runs. Nothing is loaded or allocated: shapes come from `jax.eval_shape`,
+shardings from an abstract mesh, and the model's shape from its config.json
+(a local directory's, a GGUF header, `model.config_json`, or the table of
+published configs below), never from its weights.
+
+Memory per device, in this order (what `train.loop.build` and the jitted
+`train.step.train_step` hold):
+
+    frozen base   every base leaf at model.param_dtype, sharded by its logical
+                  axes (flax_adapters/sharding.py RULES on the mesh)
+    adapter       the trainable leaves, float32, sharded like their kernel
+    optimizer     the optax state of `train.loop._optimizer` (AdamW: two float32
+                  moments per trainable leaf, sharded like it; a few scalars)
+    gradients     two trainable-sized float32 trees: the accumulator of the
+                  micro-batch scan and the gradient of the current micro-batch
+    activations   A below, for one micro-batch (micro_batch_size / (data x fsdp)
+                  rows per device) at the longest bucket, cutoff_len tokens
+
+Activations. Let R(n) be the bytes of the residuals `jax.vjp` keeps for the
+backward pass of the training loss (train.step.token_loss with dropout on) of
+the same model cut to n layers: the outputs of operations it saves, not the
+parameters, inputs or constants. R is counted exactly, by tracing the loss
+with abstract inputs (`residual_bytes`), so it follows the model family, the
+adapter's sites, dropout masks, prefix slots and the dtypes. Then
+
+    per layer   rho = R(2) - R(1)            head and embeddings   eta = R(1) - rho
+    remat off   A = eta + L * rho + rho
+    remat on    A = eta' + L * rho' + 3 * rho      (rho', eta': the same with remat)
+
+Without remat the L layers keep their residuals, and the backward of one
+layer holds about one layer's worth more (cotangents and temporaries). With
+remat they keep only their inputs (rho'); the layer being differentiated is
+recomputed (rho) and its backward needs about two layers' worth more, as
+measured. Checked against XLA's buffer assignment of the compiled train step
+of tiny models (`compiled.memory_analysis()`, tests/test_plan.py): measured
+/ estimate was 0.62-1.12 in float32 over LoRA (with dropout), series,
+parallel and prefix, remat off and on; the estimate errs high where XLA fuses
+residuals away (series, prefix: ~0.65). In bfloat16 on CPU it was 1.16 (remat
+off) and 1.52 (remat on): XLA:CPU keeps float32 copies of bfloat16 work;
+TPUs and GPUs need not, but no such device was at hand to measure. The CPU backend's default (concurrency-optimised)
+scheduler hoists the recomputation, so there remat saves almost nothing
+(measured: 79.7 vs 85.3 KB per token on an 8-layer model); with
+`XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false` it does.
+
+With tensor > 1 the activations are not divided by the tensor axis (how far
+XLA shards them there depends on its propagation): an upper bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import pathlib
+import re
+from typing import Any
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+
+from flax_adapters import sharding
+from flax_adapters.adapters import api, axes, tree
+from flax_adapters.models import abstract_params, config_from_hf, logical_axes, model_class
+from flax_adapters.quant.params import quantize_params
+from train import data as data_lib
+from train.config import DEFAULT_STEPS, ModelConfig, TrainConfig, resolve_steps
+from train.step import token_loss
+
+GiB = 2 ** 30
+
+# The shape fields of the config.json of the paper's base models as
+# published on the hub (the hub ids of LLM-Adapters' commands), for planning
+# without a hub; token ids are left out (the plan needs none). "default" is
+# the embedded SmolLM2-135M-Instruct, as its GGUF header gives it. The test
+# tests/test_recipes.py checks each against an independent count
+# (transformers' model on the meta device, and the GGUF file itself).
+PUBLISHED_CONFIGS: dict[str, dict] = {
+    "yahma/llama-7b-hf": {
+        "model_type": "llama", "hidden_act": "silu", "hidden_size": 4096,
+        "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "rms_norm_eps": 1e-06, "vocab_size": 32000, "max_position_embeddings": 2048},
+    "yahma/llama-13b-hf": {
+        "model_type": "llama", "hidden_act": "silu", "hidden_size": 5120,
+        "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
+        "rms_norm_eps": 1e-06, "vocab_size": 32000, "max_position_embeddings": 2048},
+    "bigscience/bloomz-7b1": {
+        "model_type": "bloom", "hidden_size": 4096, "n_head": 32, "n_layer": 30,
+        "layer_norm_epsilon": 1e-05, "apply_residual_connection_post_layernorm": False,
+        "vocab_size": 250880},
+    "EleutherAI/gpt-j-6b": {
+        "model_type": "gptj", "activation_function": "gelu_new", "n_embd": 4096, "n_head": 16,
+        "n_layer": 28, "n_positions": 2048, "rotary_dim": 64, "layer_norm_epsilon": 1e-05,
+        "tie_word_embeddings": False, "vocab_size": 50400},
+    "default": {
+        "model_type": "llama", "hidden_act": "silu", "hidden_size": 576,
+        "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "head_dim": 64, "rms_norm_eps": 1e-05, "rope_theta": 100000.0,
+        "vocab_size": 49152, "max_position_embeddings": 8192, "tie_word_embeddings": True},
+}
+
+# Memory per device (GiB) of accelerators by the names users give or
+# `jax.Device.device_kind` reports (lower case, spaces and "tpu"/"nvidia" removed).
+DEVICE_MEMORY_GIB: dict[str, float] = {
+    "v4": 32, "v5e": 16, "v5lite": 16, "v5litepod": 16, "v5p": 95, "v5": 95, "v6e": 32,
+    "v6lite": 32, "a100-40gb": 40, "a100-80gb": 80, "h100": 80, "h100-80gb": 80, "l4": 24,
+    "t4": 16,
+}
+
+
+def device_memory_gib(kind: str) -> float | None:
+    """Memory of a device kind ('TPU v4', 'v5e', 'A100-80GB', 'NVIDIA H100 80GB HBM3'), or
+    None when unknown."""
+    k = re.sub(r"tpu|nvidia|\s|_", "", kind.lower())
+    if k in DEVICE_MEMORY_GIB:
+        return DEVICE_MEMORY_GIB[k]
+    gpu, size = re.search(r"a100|h100", k), re.search(r"(40|80)gb", k)
+    if gpu:
+        return float(size.group(1)) if size else 40.0 if gpu.group() == "a100" else 80.0
+    return None
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def hf_config(model: ModelConfig) -> tuple[dict, str]:
+    """(config.json as a dict, where it came from) for `model`, reading no weights."""
+    if model.config_json:
+        p = pathlib.Path(model.config_json).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"model.config_json {str(p)!r} does not exist; pass the path "
+                                    "of the model's config.json")
+        return json.loads(p.read_text()), str(p)
+    if model.path in PUBLISHED_CONFIGS:
+        where = "the embedded SmolLM2-135M-Instruct" if model.path == "default" else \
+            "the published config.json (planner table)"
+        return PUBLISHED_CONFIGS[model.path], where
+    p = pathlib.Path(model.path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{p}: no config.json; expected a Hugging Face model directory")
+        return json.loads((p / "config.json").read_text()), str(p / "config.json")
+    if p.is_file() and p.suffix == ".gguf":
+        from flax_adapters.checkpoints.gguf import read_gguf_config
+        return read_gguf_config(p), f"{p} (GGUF header)"
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model.path):
+        try:
+            from huggingface_hub import hf_hub_download
+            path = hf_hub_download(model.path, "config.json")
+        except Exception as e:  # noqa: BLE001 -- any hub failure means the same to the user
+            raise FileNotFoundError(
+                f"cannot read the config.json of {model.path!r} ({type(e).__name__}: the hub "
+                f"may be unreachable); pass model.config_json=/path/to/config.json. Known "
+                f"without a hub: {', '.join(k for k in PUBLISHED_CONFIGS if k != 'default')}"
+            ) from None
+        return json.loads(pathlib.Path(path).read_text()), f"{model.path} (hub config.json)"
+    raise FileNotFoundError(f"model path {model.path!r} does not exist; pass a Hugging Face model "
+                            "directory, a .gguf file or a hub id")
+
+
+@functools.lru_cache(maxsize=16)
+def base_shapes(model_cfg: Any) -> tuple[dict, dict]:
+    """(abstract base params, their logical axes) of the full model.
+
+    Traced once for a one-layer model and repeated for every layer: the
+    decoder stack (models/decoder.py) builds L identical layers, and the
+    embeddings and head do not depend on L, so this equals
+    `abstract_params(model_cfg)` (tests/test_recipes.py checks it on the paper
+    models) at a fraction of the tracing time of 30-40 layers."""
+    one = dataclasses.replace(model_cfg, num_hidden_layers=1)
+
+    def expand(t: dict) -> dict:
+        out = {k: v for k, v in t.items() if k != "layers_0"}
+        out.update({f"layers_{i}": t["layers_0"] for i in range(model_cfg.num_hidden_layers)})
+        return out
+
+    return expand(abstract_params(one)), expand(logical_axes(one))
+
+
+def _cast(shapes: Any, dtype: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), shapes)
+
+
+def _dtype(name: str):
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+# ----------------------------------------------------------------------- activations
+
+
+def residual_bytes(model_cfg: Any, adapter_cfg: Any, *, batch: int, seq_len: int,
+                   compute_dtype: str = "float32", param_dtype: str = "float32",
+                   remat: bool = False) -> int:
+    """R: bytes of the activations `jax.vjp` saves for the backward pass of the
+    training loss at (batch, seq_len), traced with abstract inputs only. The
+    gradient is taken with respect to the trainable leaves, as the train
+    step takes it; saved parameters, inputs and constants are not counted."""
+    model_type = model_cfg.model_type
+    base = _cast(base_shapes(model_cfg)[0], _dtype(param_dtype))
+    targeting_log = logging.getLogger("flax_adapters.adapters.targeting")
+    level = targeting_log.level
+    targeting_log.setLevel(logging.WARNING)  # the cut models' sites are not the run's
+    try:
+        full = jax.eval_shape(
+            lambda b: api.inject(b, adapter_cfg, jax.random.key(0), model_type), base)
+    finally:
+        targeting_log.setLevel(level)
+    frozen, trainable = tree.split(full)
+    trainable = _cast(trainable, jnp.float32)
+    model = model_class(model_cfg)(model_cfg, dtype=_dtype(compute_dtype),
+                                   settings=api.settings_for(adapter_cfg, model_type),
+                                   remat=remat)
+    rows = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+    mask = jax.ShapeDtypeStruct((batch, seq_len), jnp.bool_)
+
+    def pullback(trainable, frozen, tokens, valid, loss_mask):
+        def loss(t):
+            return token_loss(model, tree.combine(frozen, t), tokens, valid, loss_mask,
+                              jax.random.key(0), deterministic=False)[0]
+        return jax.vjp(loss, trainable)[1]  # a pytree whose leaves are the residuals
+
+    jaxpr = jax.make_jaxpr(pullback)(trainable, frozen, rows, mask, mask).jaxpr
+    not_activations = set(jaxpr.invars) | set(jaxpr.constvars)
+    seen, total = set(), 0
+    for v in jaxpr.outvars:
+        if isinstance(v, jax.extend.core.Literal) or v in not_activations or v in seen:
+            continue
+        seen.add(v)
+        total += math.prod(v.aval.shape) * v.aval.dtype.itemsize
+    return total
+
+
+def activation_bytes(model_cfg: Any, adapter_cfg: Any, *, batch: int, seq_len: int,
+                     compute_dtype: str, param_dtype: str, remat: bool) -> int:
+    """A of the module docstring."""
+    def r(layers: int, with_remat: bool) -> int:
+        cut = dataclasses.replace(model_cfg, num_hidden_layers=layers)
+        return residual_bytes(cut, adapter_cfg, batch=batch, seq_len=seq_len,
+                              compute_dtype=compute_dtype, param_dtype=param_dtype,
+                              remat=with_remat)
+
+    n = model_cfg.num_hidden_layers
+    r1, r2 = r(1, False), r(2, False)
+    rho, eta = r2 - r1, 2 * r1 - r2
+    if not remat:
+        return eta + n * rho + rho
+    q1, q2 = r(1, True), r(2, True)
+    return (2 * q1 - q2) + n * (q2 - q1) + 3 * rho
+
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    model: str
+    model_source: str
+    model_type: str
+    total_params: int
+    trainable_params: int
+    num_devices: int
+    mesh: dict           # {'data': n, 'fsdp': n, 'tensor': n}
+    micro_per_device: int
+    seq_len: int
+    accumulation: int
+    steps: str           # how many optimizer steps, and where the number comes from
+    memory: dict         # {group: bytes per device}, in the order of the module docstring
+    tensors: list        # rows of the sharding table
+    device: str          # the device's name, or how its memory was given
+    device_memory: int | None  # bytes per device, None when unknown
+    notes: tuple = ()
+
+    @property
+    def total(self) -> int:
+        return sum(self.memory.values())
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_memory is None else self.total <= self.device_memory
+
+
+def _per_device_bytes(shapes: Any, shardings: Any) -> int:
+    return sum(math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize for x, sh in
+               zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(shardings)))
+
+
+def _tensor_rows(shapes: dict, names: dict, shardings: dict, role: str) -> list:
+    """One row per distinct tensor, layers folded: ('layers_*/mlp/up_proj/kernel', count,
+    shape, dtype, logical axes, PartitionSpec, per-device shape, role)."""
+    rows: dict = {}
+    axes_leaves = jax.tree_util.tree_leaves(names, is_leaf=lambda x: isinstance(x, tuple))
+    leaves = zip(jax.tree_util.tree_flatten_with_path(shapes)[0], axes_leaves,
+                 jax.tree_util.tree_leaves(shardings))
+    for (path, x), ax, sh in leaves:
+        # dict keys, and a quantized leaf's arrays by attribute (kernel/codes, ...)
+        name = re.sub(r"^layers_\d+", "layers_*", "/".join(
+            str(getattr(k, "key", getattr(k, "name", k))) for k in path))
+        key = (name, x.shape, str(x.dtype), ax, str(sh.spec), role)
+        count, per = rows.get(key, (0, sh.shard_shape(x.shape)))
+        rows[key] = (count + 1, per)
+    return [(name, count, shape, dtype, ax, spec, per, role)
+            for (name, shape, dtype, ax, spec, role), (count, per) in rows.items()]
+
+
+def _count_records(path: str, embedded_train_size: int) -> int | None:
+    """Training records in data.path without tokenizing (None: cannot tell
+    before the run: hub datasets, missing files)."""
+    if path == data_lib.EMBEDDED_ARITH:
+        return embedded_train_size
+    p = pathlib.Path(path).expanduser()
+    if not p.is_file():
+        return None
+    text = p.read_text(encoding="utf-8")
+    try:
+        return len(json.loads(text))
+    except json.JSONDecodeError:  # JSON lines
+        return sum(1 for line in text.splitlines() if line.strip())
+
+
+def _steps(cfg: TrainConfig) -> tuple[int, str]:
+    """(steps to build the optimizer with, how the run will count them)."""
+    if cfg.steps is not None:
+        return cfg.steps, f"{cfg.steps:,} (steps)"
+    if cfg.epochs is None:
+        return DEFAULT_STEPS, f"{DEFAULT_STEPS} (the default: neither steps nor epochs given)"
+    n = _count_records(cfg.data.path, cfg.data.embedded_train_size)
+    if n is None:
+        return 1, (f"{cfg.epochs:g} epochs x (training records // {cfg.batch_size}), counted "
+                   f"when the run reads {cfg.data.path}")
+    per_epoch = (n - max(cfg.data.val_set_size, 0)) // cfg.batch_size
+    steps = resolve_steps(cfg, per_epoch).steps
+    return steps, (f"{steps:,} = ceil({cfg.epochs:g} epochs x {per_epoch:,} steps) of "
+                   f"({n:,} - {cfg.data.val_set_size} val) records // {cfg.batch_size}")
+
+
+def make_plan(cfg: TrainConfig, *, num_devices: int, device_kind: str | None = None,
+              device_memory_gb: float | None = None) -> Plan:
+    """The plan of `cfg` on `num_devices` devices. Device memory: `device_memory_gb`
+    (GiB), else the known memory of `device_kind`, else unknown."""
+    from train.loop import _opt_shardings, _optimizer  # the run's own optimizer and its layout
+
+    hf, source = hf_config(cfg.model)
+    model_cfg = config_from_hf(hf)
+    model_type = model_cfg.model_type
+    adapter_cfg = cfg.adapter.build()
+    mesh = sharding.abstract_mesh(cfg.mesh, num_devices)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.micro_batch_size % batch_shards:
+        raise ValueError(f"micro_batch_size={cfg.micro_batch_size} must be divisible by data x "
+                         f"fsdp = {batch_shards} on this mesh; raise micro_batch_size or change "
+                         "mesh.*")
+
+    base, base_axes = base_shapes(model_cfg)
+    base = _cast(base, _dtype(cfg.model.param_dtype))
+    # As the run loads it: quantized (codes, block scales: exact bytes), the
+    # adapter's modules_to_save kept in float.
+    quant_cfg = cfg.model.quant_config(getattr(adapter_cfg, "modules_to_save", ()))
+    if quant_cfg is not None:
+        base = jax.eval_shape(lambda b: quantize_params(b, quant_cfg), base)
+    full = jax.eval_shape(lambda b: api.inject(b, adapter_cfg, jax.random.key(0), model_type),
+                          base)
+    frozen, trainable = tree.split(full, api.trainable(adapter_cfg))
+    trainable = _cast(trainable, jnp.float32)
+    frozen_names, trainable_names = tree.split(axes.adapter_axes(full, base_axes),
+                                               api.trainable(adapter_cfg))
+    frozen_sh = sharding.tree_shardings(frozen_names, frozen, mesh)
+    trainable_sh = sharding.tree_shardings(trainable_names, trainable, mesh)
+
+    steps, steps_text = _steps(cfg)
+    optimizer = _optimizer(dataclasses.replace(cfg, steps=steps))
+    opt_state = jax.eval_shape(optimizer.init, trainable)
+    opt_sh = _opt_shardings(optimizer, trainable, trainable_sh, mesh)
+
+    micro = cfg.micro_batch_size // batch_shards
+    adapter = _per_device_bytes(trainable, trainable_sh)
+    memory = {
+        f"frozen base ({cfg.model.param_dtype}"
+        + ("" if quant_cfg is None else f", {quant_cfg.kind} kernels and embeddings"
+           if quant_cfg.embeddings else f", {quant_cfg.kind} kernels") + ")":
+            _per_device_bytes(frozen, frozen_sh),
+        "adapter (float32)": adapter,
+        "optimizer state (AdamW: 2 float32 moments)": _per_device_bytes(opt_state, opt_sh),
+        "gradients (float32: accumulator + micro-batch)": 2 * adapter,
+        f"activations ({micro} x {cfg.data.cutoff_len} tokens, compute "
+        f"{cfg.model.compute_dtype}, remat {'on' if cfg.model.remat else 'off'})":
+            activation_bytes(model_cfg, adapter_cfg, batch=micro, seq_len=cfg.data.cutoff_len,
+                             compute_dtype=cfg.model.compute_dtype,
+                             param_dtype=cfg.model.param_dtype, remat=cfg.model.remat),
+    }
+    tensors = (_tensor_rows(frozen, frozen_names, frozen_sh, "frozen") +
+               _tensor_rows(trainable, trainable_names, trainable_sh, "trainable"))
+
+    if device_memory_gb is not None:
+        device, device_memory = f"{device_memory_gb:g} GiB (--device_memory_gb)", \
+            int(device_memory_gb * GiB)
+    elif device_kind is not None:
+        gib = device_memory_gib(device_kind)
+        device = device_kind if gib is None else f"{device_kind} ({gib:g} GiB)"
+        device_memory = None if gib is None else int(gib * GiB)
+    else:
+        device, device_memory = "unknown", None
+
+    notes = []
+    if cfg.model.remat and device_kind and device_kind.lower() == "cpu":
+        notes.append("remat on the CPU backend saves memory only with XLA_FLAGS="
+                     "--xla_cpu_enable_concurrency_optimized_scheduler=false (train/plan.py)")
+    if mesh.shape["tensor"] > 1:
+        notes.append("activations are not divided by the tensor axis: an upper bound")
+    try:
+        data_lib.check_source(cfg.data.path)
+    except FileNotFoundError:
+        notes.append(f"data.path {cfg.data.path!r} does not exist yet: the run will stop there")
+    return Plan(model=cfg.model.path, model_source=source, model_type=model_type,
+                total_params=tree.num_params(frozen) + tree.num_params(trainable),
+                trainable_params=tree.num_params(trainable), num_devices=num_devices,
+                mesh=dict(mesh.shape), micro_per_device=micro, seq_len=cfg.data.cutoff_len,
+                accumulation=cfg.batch_size // cfg.micro_batch_size, steps=steps_text,
+                memory=memory, tensors=tensors, device=device, device_memory=device_memory,
+                notes=tuple(notes))
+
+# ----------------------------------------------------------------------------- output
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:8.2f}"
+
+
+def _table(header: tuple, rows: list) -> list[str]:
+    cells = [tuple(map(str, header))] + [tuple(map(str, r)) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return [line(cells[0]), line(tuple("-" * w for w in widths))] + [line(r) for r in cells[1:]]
+
+
+def format_plan(p: Plan) -> str:
+    mesh = " x ".join(f"{k}={v}" for k, v in p.mesh.items())
+    out = [
+        f"model        {p.model} ({p.model_type}; shape from {p.model_source})",
+        f"parameters   {p.total_params:,} total, {p.trainable_params:,} trainable "
+        f"({100 * p.trainable_params / p.total_params:.4f}%)",
+        f"mesh         {p.num_devices} devices: {mesh}",
+        f"batch        {p.micro_per_device} rows x {p.seq_len} tokens per device per "
+        f"micro-batch; {p.accumulation} micro-batches per step",
+        f"steps        {p.steps}",
+        "",
+        "memory per device                                                     GiB",
+    ]
+    for name, n in p.memory.items():
+        out.append(f"  {name:<68}{_gib(n)}")
+    out.append(f"  {'total':<68}{_gib(p.total)}")
+    if p.device_memory is None:
+        out.append(f"  device memory: {p.device}; pass --device (e.g. v4, v5e, a100-80gb, h100) "
+                   "or --device_memory_gb to check the fit")
+    else:
+        verdict = "fits" if p.fits else "DOES NOT FIT"
+        out.append(f"  {'device memory: ' + p.device:<68}{_gib(p.device_memory)}   {verdict} "
+                   f"({100 * p.total / p.device_memory:.0f}%)")
+    out += ["", "sharding (logical axes -> mesh axes, flax_adapters/sharding.py RULES)"]
+    rows = [(name, f"x{count}" if count > 1 else "", "x".join(map(str, shape)) or "()",
+             dtype, "(" + ", ".join(str(a) for a in ax) + ")", spec,
+             "x".join(map(str, per)) or "()", role)
+            for name, count, shape, dtype, ax, spec, per, role in p.tensors]
+    out += ["  " + r for r in _table(("tensor", "n", "shape", "dtype", "logical axes",
+                                      "mesh spec", "per device", "role"), rows)]
+    out.append("  optimizer moments: sharded like the trainable leaves; batch: "
+               "PartitionSpec(None, ('data', 'fsdp'), None) over (accumulation, rows, tokens)")
+    out += [f"note: {n}" for n in p.notes]
+    return "\n".join(out)
