@@ -131,19 +131,6 @@ def _opt_shardings(optimizer, trainable, trainable_sh, mesh):
     return jax.tree_util.tree_map_with_path(pick, abstract)
 
 
-def _leaf_is_trainable(full: dict):
-    trainable_paths = {p for p, _ in _flat(tree.split(full).trainable)}
-    return lambda path: tuple(path) in trainable_paths
-
-
-def _flat(t: dict, prefix=()):
-    for k, v in t.items():
-        if isinstance(v, dict):
-            yield from _flat(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
-
 def _optimizer(cfg: TrainConfig):
     o = cfg.optim
     return make_optimizer(o.lr, cfg.steps, o.warmup_steps, o.schedule, o.weight_decay,
