@@ -33,7 +33,13 @@ NEG_INF = -1e30  # finite, so a fully masked (padding) row gives no NaN
 
 
 class Linear(nn.Module):
-    """y = x @ kernel (+ bias), then the adapter site."""
+    """y = x @ kernel (+ bias), then the adapter site.
+
+    The site works on the rows of x flattened to 2-D, (b*t, in): the weight
+    gradients of adapters (LoRA's A and B, bottlenecks) then contract over one
+    dimension. Over (b, t) of a 3-D array, XLA:CPU first transposes both
+    operands into a (features, b*t) layout, a copy of each activation per site
+    (measured: 2.1x slower for a LoRA's gradients; 15% of a SmolLM2 step)."""
 
     features: int
     axes: tuple[str, str]
@@ -47,14 +53,16 @@ class Linear(nn.Module):
         kernel = qarray.param(
             self, "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
             (x_bti.shape[-1], self.features), self.param_dtype)
-        x_bti = x_bti.astype(self.dtype)
-        x_in = sites.linear_in(self, x_bti, self.settings, deterministic)
-        y_bto = qarray.matmul(x_in, kernel, self.dtype)
+        lead = x_bti.shape[:-1]
+        x_ri = x_bti.reshape(-1, x_bti.shape[-1]).astype(self.dtype)
+        x_in = sites.linear_in(self, x_ri, self.settings, deterministic)
+        y_ro = qarray.matmul(x_in, kernel, self.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(
                 nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype)
-            y_bto = y_bto + bias.astype(self.dtype)
-        return sites.linear(self, x_bti, y_bto, self.settings, deterministic)
+            y_ro = y_ro + bias.astype(self.dtype)
+        y_ro = sites.linear(self, x_ri, y_ro, self.settings, deterministic)
+        return y_ro.reshape(*lead, self.features)
 
 
 class RMSNorm(nn.Module):
