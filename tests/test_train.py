@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from tiny import make_model_dir  # noqa: E402
+from tiny import make_model_dir, run_config  # noqa: E402
 
 from flax_adapters.adapters import tree  # noqa: E402
 from flax_adapters.checkpoints import load_pretrained  # noqa: E402
@@ -27,13 +27,8 @@ def model_dir(tmp_path_factory):
 
 
 def cfg_for(model_dir, out, *overrides):
-    return config_lib.load(None, [
-        f"model.path={model_dir}", f"output_dir={out}", "steps=5", "batch_size=8",
-        "micro_batch_size=8", "eval_generate=0", "eval_every=0", "checkpoint_every=0",
-        "log_every=0", "optim.lr=1e-2", "optim.warmup_steps=1", "data.embedded_train_size=200",
-        "data.val_set_size=16", "adapter.settings.r=4",
-        "adapter.settings.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
-        "down_proj]", *overrides])
+    return run_config(model_dir, out, "adapter.settings.target_modules=[q_proj,k_proj,v_proj,"
+                      "o_proj,gate_proj,up_proj,down_proj]", *overrides)
 
 
 def losses(out):

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from flax_adapters.adapters.tree import combine, split
 from train import arith, data
+from train import config as config_lib
 
 
 def make_tokenizer():
@@ -68,3 +69,17 @@ def perturb(tree, seed=1):
         multiplicative = path[-1].key in ("lora_magnitude", "ia3")
         out.append(x * (1 + 0.3 * noise) if multiplicative else x + 0.2 * noise)
     return combine(frozen, jax.tree_util.tree_unflatten(treedef, out))
+
+
+# A few-step training run on the tiny model; tests append what they vary
+# (a later `key=value` wins).
+TINY_RUN = ("steps=5", "batch_size=8", "micro_batch_size=8", "eval_generate=0", "eval_every=0",
+            "checkpoint_every=0", "log_every=0", "optim.lr=1e-2", "optim.warmup_steps=1",
+            "data.embedded_train_size=200", "data.val_set_size=16", "adapter.settings.r=4")
+
+
+def run_config(model_dir, out, *overrides):
+    """The train config of a TINY_RUN of `model_dir` into `out`."""
+    return config_lib.load(None, [f"model.path={model_dir}", f"output_dir={out}", *TINY_RUN,
+                                  *overrides])
+
