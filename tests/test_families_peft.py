@@ -26,7 +26,7 @@ from test_adapters_lora import perturb  # noqa: E402
 from tiny import padded_batch  # noqa: E402
 
 from flax_adapters.adapters import api, ia3, lora, peft_io, prefix, prompt, targeting  # noqa: E402
-from flax_adapters.adapters.tree import split  # noqa: E402
+from flax_adapters.adapters.tree import combine, split  # noqa: E402
 from flax_adapters.checkpoints import load_pretrained  # noqa: E402
 from flax_adapters.models import model_class  # noqa: E402
 
@@ -154,3 +154,44 @@ def test_prefix_and_prompt_tuning_match_peft(tiny, tmp_path, name, method):
     print(f"{name} {method}: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
     assert moved.max() > 1e-2
     assert max(diffs.values()) <= TOL, diffs
+
+
+# PEFT names modules_to_save by the family's Hugging Face module names; OPT's
+# "final_layer_norm" also selects every layer's FFN norm, in PEFT and here.
+SAVED = {"bloom": ("ln_f",), "opt": ("final_layer_norm",), "gptj": ("ln_f", "lm_head"),
+         "gpt_neox": ("final_layer_norm",)}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_modules_to_save_both_ways_with_peft(tiny, tmp_path, name):
+    _, model, pre = tiny(name)
+    model_type = pre.config.model_type
+    cfg = lora.LoraConfig(r=4, alpha=8, modules_to_save=SAVED[name])
+    # Ours -> PEFT: LoRA and the saved modules perturbed, exported, loaded by PEFT.
+    tree = api.inject(pre.params, cfg, jax.random.key(0), model_type)
+    frozen, trained = split(tree, api.trainable(cfg, model_type))
+    keys = iter(jax.random.split(jax.random.key(1), 1000))
+    trained = jax.tree_util.tree_map(
+        lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape), trained)
+    tree = combine(frozen, trained)
+    out = peft_io.export_peft(trained, cfg, tmp_path / "ours", model_type=model_type)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(out)).eval()
+    saved_in_peft = {n for n, _ in loaded.named_parameters() if "modules_to_save" in n}
+    assert saved_in_peft, "PEFT wrapped no module: the exported names select nothing there"
+    mine = ours(pre, tree, cfg)[VALID]
+    assert np.abs(mine - theirs(loaded)[VALID]).max() <= TOL
+    lora_only = combine(pre.params, split(tree, api.trainable(lora.LoraConfig())).trainable)
+    assert np.abs(mine - ours(pre, lora_only, cfg)[VALID]).max() > 10 * TOL  # saved ones matter
+    # PEFT -> ours: PEFT's own file, saved modules trained (perturbed) in PyTorch.
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM",
+        modules_to_save=list(SAVED[name]))).eval()
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path / "peft")
+    back, back_cfg = peft_io.import_peft(tmp_path / "peft", pre.params, model_type)
+    assert back_cfg.modules_to_save == SAVED[name]
+    assert np.abs(ours(pre, back, back_cfg)[VALID] - theirs(pm)[VALID]).max() <= TOL

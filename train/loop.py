@@ -82,7 +82,7 @@ def build(cfg: TrainConfig, devices=None) -> Setup:
     model_type = pre.config.model_type
     key = jax.random.key(cfg.seed)
     full = api.inject(pre.params, adapter_cfg, jax.random.fold_in(key, 1), model_type)
-    is_trainable = api.trainable(adapter_cfg)
+    is_trainable = api.trainable(adapter_cfg, model_type)
     frozen, trainable = tree.split(full, is_trainable)
     if not trainable:
         raise TrainingError("the adapter added no trainable leaves; nothing would be trained")

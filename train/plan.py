@@ -358,13 +358,14 @@ def make_plan(cfg: TrainConfig, *, num_devices: int, device_kind: str | None = N
     # adapter's modules_to_save kept in float.
     quant_cfg = cfg.model.quant_config(getattr(adapter_cfg, "modules_to_save", ()))
     if quant_cfg is not None:
+        quant_cfg = dataclasses.replace(quant_cfg, model_type=model_type)
         base = jax.eval_shape(lambda b: quantize_params(b, quant_cfg), base)
     full = jax.eval_shape(lambda b: api.inject(b, adapter_cfg, jax.random.key(0), model_type),
                           base)
-    frozen, trainable = tree.split(full, api.trainable(adapter_cfg))
+    is_trainable = api.trainable(adapter_cfg, model_type)
+    frozen, trainable = tree.split(full, is_trainable)
     trainable = _cast(trainable, jnp.float32)
-    frozen_names, trainable_names = tree.split(axes.adapter_axes(full, base_axes),
-                                               api.trainable(adapter_cfg))
+    frozen_names, trainable_names = tree.split(axes.adapter_axes(full, base_axes), is_trainable)
     frozen_sh = sharding.tree_shardings(frozen_names, frozen, mesh)
     trainable_sh = sharding.tree_shardings(trainable_names, trainable, mesh)
 

@@ -64,16 +64,18 @@ def inject(base: dict, cfg: AdapterConfig, key: jax.Array, model_type: str = "ll
     """A new tree: `base` with freshly initialised adapter leaves at the sites.
     `cfg.modules_to_save` is checked against it (saved.check)."""
     tree = _method(cfg).init(base, cfg, key, model_type)
-    saved.check(tree, getattr(cfg, "modules_to_save", ()))
+    saved.check(tree, getattr(cfg, "modules_to_save", ()), model_type)
     return tree
 
 
-def trainable(cfg: AdapterConfig) -> Callable[[tuple[str, ...]], bool]:
+def trainable(cfg: AdapterConfig, model_type: str = "llama"
+              ) -> Callable[[tuple[str, ...]], bool]:
     """The predicate `tree.split` trains: the adapter leaves and the base
-    leaves of `cfg.modules_to_save`; every leaf for full fine-tuning."""
+    leaves of `cfg.modules_to_save` (named as in `model_type`'s Hugging Face
+    model); every leaf for full fine-tuning."""
     if isinstance(cfg, full.FullConfig):
         return full.trainable
-    return saved.trainable(getattr(cfg, "modules_to_save", ()))
+    return saved.trainable(getattr(cfg, "modules_to_save", ()), model_type)
 
 
 def settings_for(cfg: AdapterConfig | None, model_type: str = "llama") -> sites.Settings:
@@ -145,4 +147,5 @@ def activate(base: dict, adapters: Mapping[str, tuple[AdapterConfig, dict]],
         raise KeyError(f"no adapter named {name!r}; the adapters are {sorted(adapters)}")
     cfg, leaves = adapters[name]
     # Base modules this adapter trains (modules_to_save) come from its own leaves.
-    return combine(split(base, trainable(cfg)).frozen, leaves), settings_for(cfg, model_type)
+    return (combine(split(base, trainable(cfg, model_type)).frozen, leaves),
+            settings_for(cfg, model_type))

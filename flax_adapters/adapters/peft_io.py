@@ -180,11 +180,11 @@ def export_peft(tree: dict, cfg: Any, out_dir: str | os.PathLike,
     else:
         raise TypeError(f"no PEFT export for {type(cfg).__name__}")
     names = getattr(cfg, "modules_to_save", ())
-    adapter = split(tree, saved.trainable(names)).trainable
+    adapter = split(tree, saved.trainable(names, model_type)).trainable
     config, tensors = exporter(adapter, cfg, model_type)
     if not tensors:
         raise ValueError(f"the tree has no {type(cfg).__name__} adapter leaves to export")
-    tensors.update(_export_saved(adapter, names))
+    tensors.update(_export_saved(adapter, names, model_type))
     config = {**config, "task_type": "CAUSAL_LM", "inference_mode": True,
               "base_model_name_or_path": base_model_name_or_path, "revision": None,
               "modules_to_save": list(names) or None}
@@ -196,16 +196,16 @@ def export_peft(tree: dict, cfg: Any, out_dir: str | os.PathLike,
     })
 
 
-def _export_saved(adapter: dict, names: tuple[str, ...]) -> dict:
+def _export_saved(adapter: dict, names: tuple[str, ...], model_type: str) -> dict:
     """{PEFT key: PyTorch-layout array} of the modules_to_save leaves in `adapter`."""
     out = {}
     for path, value in _leaves(adapter):
-        if saved.selects(names, path):
+        if saved.selects(names, path, model_type):
             value = np.asarray(value, np.float32)
-            name = path_to_hf_name(path)
-            out[PREFIX + name] = value.T if hf_name_to_path(name)[1] else value
+            name = path_to_hf_name(path, model_type)
+            out[PREFIX + name] = value.T if hf_name_to_path(name, model_type)[1] else value
     for n in names:
-        if not any(saved.selects((n,), p) for p, _ in _leaves(adapter)):
+        if not any(saved.selects((n,), p, model_type) for p, _ in _leaves(adapter)):
             raise ValueError(f"modules_to_save {n!r}: the tree holds no trained weights of such "
                              "a module; pass the adapted tree (or its trainable part)")
     return out
@@ -251,7 +251,7 @@ def _read_tensors(directory: pathlib.Path, base: dict, model_type: str,
         mapped = None if m else hf_name_to_path(key.removeprefix(PREFIX), model_type)
         if mapped is not None and mapped[0] in base_shapes:
             path, transpose = mapped
-            if not saved.selects(modules_to_save, path):
+            if not saved.selects(modules_to_save, path, model_type):
                 raise ValueError(f"{weights}: tensor {key!r} is a base weight, but "
                                  f"modules_to_save {list(modules_to_save)} does not select its "
                                  "module")
@@ -387,7 +387,8 @@ def import_peft(adapter_dir: str | os.PathLike, base_tree: dict,
             **m, **{k: jnp.asarray(v) for k, v in x.items()}})
     if names:
         cfg = dataclasses.replace(cfg, modules_to_save=names)
-        absent = [saved.module_name(p) for p in saved.check(tree, names) if p not in kept]
+        absent = [saved.module_name(p, model_type) for p in saved.check(tree, names, model_type)
+                  if p not in kept]
         if absent:
             raise ValueError(f"{directory}: modules_to_save selects {absent[:3]}, but "
                              f"{WEIGHTS_NAME} holds no trained weights for them")

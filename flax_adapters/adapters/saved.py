@@ -2,11 +2,12 @@
 it (`LoraConfig(modules_to_save=[...])`; peft/utils/other.py
 `_set_trainable` and `ModulesToSaveWrapper`).
 
-Selection is PEFT's: a module is selected when its name ends with one of
-the given strings -- a plain string suffix, so "norm" selects the final
-norm and every input_layernorm and post_attention_layernorm. Module names
-are ours with '.' for '/' ('layers_0.input_layernorm', 'lm_head'), which
-end like Hugging Face's ('model.layers.0.input_layernorm').
+Selection is PEFT's: a module is selected when its Hugging Face name (of
+the model's family: 'model.layers.0.input_layernorm' in LLaMA,
+'transformer.ln_f' in GPT-J) ends with one of the given strings -- a plain
+string suffix, so on LLaMA "norm" selects the final norm and every
+input_layernorm and post_attention_layernorm. The names are PEFT's, so an
+adapter_config.json means the same modules here and in PEFT.
 
 PEFT trains a copy of each selected module while the original stays in
 the frozen base. Here the selected base leaves themselves are trainable:
@@ -29,24 +30,28 @@ from flax_adapters.adapters.tree import BASE_LEAVES, is_adapter_leaf
 from flax_adapters.quant.array import is_quantized
 
 
-def module_name(path: Sequence[str]) -> str:
-    """('layers_0', 'input_layernorm', 'scale') -> 'layers_0.input_layernorm';
-    a top-level leaf is its own module: ('lm_head',) -> 'lm_head'."""
-    return ".".join(path[:-1]) if len(path) > 1 else path[0]
+def module_name(path: Sequence[str], model_type: str = "llama") -> str:
+    """The Hugging Face name of the module holding base leaf `path`:
+    ('layers_0', 'input_layernorm', 'scale') -> 'model.layers.0.input_layernorm';
+    GPT-J's ('lm_head_bias',) -> 'lm_head' (the bias of the head module)."""
+    # Imported here: checkpoints.hf imports quant, which imports this module.
+    from flax_adapters.checkpoints.hf import path_to_hf_name
+    return path_to_hf_name(tuple(path), model_type).rpartition(".")[0]
 
 
-def selects(names: Sequence[str], path: Sequence[str]) -> bool:
+def selects(names: Sequence[str], path: Sequence[str], model_type: str = "llama") -> bool:
     """Whether base leaf `path` belongs to a module that `names` select."""
     if not names or path[-1] not in BASE_LEAVES:
         return False
-    module = module_name(path)
+    module = module_name(path, model_type)
     return any(module.endswith(n) for n in names)
 
 
-def trainable(names: Sequence[str]) -> Callable[[tuple[str, ...]], bool]:
+def trainable(names: Sequence[str], model_type: str = "llama"
+              ) -> Callable[[tuple[str, ...]], bool]:
     """`split`'s predicate: adapter leaves, and the base leaves of `names`."""
     names = tuple(names)
-    return lambda path: is_adapter_leaf(path) or selects(names, path)
+    return lambda path: is_adapter_leaf(path) or selects(names, path, model_type)
 
 
 def _modules(tree: dict, prefix: tuple[str, ...] = ()):
@@ -58,19 +63,19 @@ def _modules(tree: dict, prefix: tuple[str, ...] = ()):
             yield prefix + (k,), v, tree
 
 
-def check(tree: dict, names: Sequence[str]) -> list[tuple[str, ...]]:
+def check(tree: dict, names: Sequence[str], model_type: str = "llama"
+          ) -> list[tuple[str, ...]]:
     """The base leaf paths `names` select in an adapted `tree`; an error if a
     name selects nothing, or a selected module is also adapted, quantized or
     a tied embedding."""
-    leaves = list(_modules(tree))
-    chosen = [(p, v, holder) for p, v, holder in leaves if selects(names, p)]
+    leaves = [(p, v, holder, module_name(p, model_type)) for p, v, holder in _modules(tree)]
+    chosen = [leaf for leaf in leaves if any(leaf[3].endswith(n) for n in names)]
     for n in names:
-        if not any(module_name(p).endswith(n) for p, _, _ in chosen):
-            existing = sorted({module_name(p).split(".")[-1] for p, _, _ in leaves})
+        if not any(m.endswith(n) for *_, m in chosen):
+            existing = sorted({m.split(".")[-1] for *_, m in leaves})
             raise ValueError(f"modules_to_save {n!r} matches no module that holds weights; "
                              f"the modules are named {existing}")
-    for path, value, holder in chosen:
-        name = module_name(path)
+    for path, value, holder, name in chosen:
         if any(not isinstance(v, dict) and is_adapter_leaf((k,)) for k, v in holder.items()):
             raise ValueError(f"modules_to_save selects {name}, which the adapter also "
                              "modifies; a module is either adapted or saved, not both")
@@ -79,7 +84,7 @@ def check(tree: dict, names: Sequence[str]) -> list[tuple[str, ...]]:
                              "cannot be trained; keep it in float (QuantConfig.skip, which "
                              "python -m train sets to modules_to_save)")
         if path == ("embed_tokens",) and "lm_head" not in tree:
-            raise ValueError("modules_to_save selects embed_tokens, but this model ties it to "
+            raise ValueError(f"modules_to_save selects {name}, but this model ties it to "
                              "the output head; PEFT would train a copy used for the input only, "
                              "which a tied tree cannot hold")
-    return [p for p, _, _ in chosen]
+    return [p for p, *_ in chosen]

@@ -13,6 +13,8 @@ sized from it: its dimensions must be positive integers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import pathlib
@@ -158,6 +160,8 @@ def hf_state_to_params(cfg: Any, state: Any, dtype: Any = np.float32,
                 jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
     dtype = np.dtype(ml_dtypes.bfloat16 if str(dtype) == "bfloat16" else dtype)
     names = _names(cfg.model_type)
+    if quantize is not None:
+        quantize = dataclasses.replace(quantize, model_type=cfg.model_type)
     params: dict = {}
     seen: set[tuple[str, ...]] = set()
     for name, arr in (state.items() if isinstance(state, dict) else state):

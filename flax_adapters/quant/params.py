@@ -47,6 +47,7 @@ class QuantConfig:
     double_quant: bool = True  # nf4: quantize the absmax values too (QLoRA)
     embeddings: bool = True  # also the embedding table and output head
     skip: tuple[str, ...] = ()  # module names kept in float (PEFT-style suffixes)
+    model_type: str = "llama"  # whose module names `skip` matches (loading sets it)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -60,7 +61,7 @@ class QuantConfig:
 
 def quant_axis(path: tuple[str, ...], cfg: QuantConfig) -> int | None:
     """The axis leaf `path` of a base tree is quantized along, or None to keep it."""
-    if saved.selects(cfg.skip, path):
+    if saved.selects(cfg.skip, path, cfg.model_type):
         return None
     if path[-1] == "kernel":
         return 0
