@@ -9,7 +9,7 @@ import pytest
 
 from flax_adapters.models import LlamaConfig, LlamaForCausalLM
 from train import data
-from train.step import token_loss
+from train.step import make_optimizer, token_loss
 
 CFG = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8)
@@ -66,3 +66,13 @@ def test_windowed_loss_equals_the_full_head(tiny, window):
     np.testing.assert_allclose(win, full, rtol=1e-6)
     jax.tree_util.tree_map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-6), g_win,
                            g_full)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_no_warmup_means_the_first_step_trains(schedule):
+    # warmup_steps=0: step 0 runs at the full learning rate (a 1-step run trains).
+    opt = make_optimizer(0.1, steps=1, warmup_steps=0, schedule=schedule, weight_decay=0.0,
+                         b1=0.9, b2=0.999, max_grad_norm=1.0)
+    params = {"w": jnp.ones(3)}
+    updates, _ = opt.update({"w": jnp.ones(3)}, opt.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates["w"]), -0.1, rtol=1e-4)  # Adam: lr * sign

@@ -38,7 +38,7 @@ def make_optimizer(lr: float, steps: int, warmup_steps: int, schedule: str, weig
     (`nonfinite_verdict`) stops long before, so that limit is never reached."""
     warmup = min(warmup_steps, max(steps - 1, 0))
     if schedule == "cosine":
-        sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, 2))
+        sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, 2))
     else:
         end = 0.0 if schedule == "linear" else lr
         sched = optax.join_schedules(
