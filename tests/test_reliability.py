@@ -204,6 +204,21 @@ def test_resume_after_the_newest_checkpoint_rotted(model_dir, tmp_path, finished
         (finished / "adapter" / "adapter_model.safetensors").read_bytes()
 
 
+def test_a_failure_that_is_not_damage_moves_no_checkpoint(model_dir, tmp_path, finished,
+                                                          monkeypatch):
+    """Out of memory (or an I/O error) while restoring says nothing about the
+    files: it propagates and every checkpoint stays where it is."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while restoring")
+    monkeypatch.setattr(Checkpointer, "_read_state", no_memory)
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        run(cfg_for(model_dir, out), resume=True, devices=one_device())
+    assert steps_on_disk(out) == steps_on_disk(finished)
+
+
 def test_truncate_metrics_drops_torn_and_later_lines(tmp_path):
     f = tmp_path / "metrics.jsonl"
     f.write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.0}'

@@ -45,6 +45,13 @@ class CorruptCheckpoint(ValueError):
     """No checkpoint of the run could be read back intact."""
 
 
+# What damaged files make the readers raise (orbax, tensorstore and json:
+# ValueError and its kin; a missing file). Anything else -- out of memory, an
+# I/O error of the file system, an interrupt -- says nothing about the files
+# and propagates, so a sound checkpoint is never set aside for it.
+_DAMAGED = (ValueError, KeyError, TypeError, EOFError, FileNotFoundError, NotADirectoryError)
+
+
 @jax.jit
 def _fingerprint(leaves: list) -> jax.Array:
     """A uint32 checksum of the bits of every leaf, position-weighted by odd
@@ -145,13 +152,13 @@ class Checkpointer:
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 meta, expected = self._read_meta(step)
-            except Exception as e:  # noqa: BLE001 -- whatever the reader raises, it is unusable
+            except _DAMAGED as e:
                 failed.append(self._set_aside(step, e))
                 continue
             check_meta(meta)
             try:
                 state = self._read_state(step, like, expected)
-            except Exception as e:  # noqa: BLE001
+            except _DAMAGED as e:
                 failed.append(self._set_aside(step, e))
                 continue
             return step, state, meta
