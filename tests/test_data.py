@@ -418,6 +418,18 @@ def test_local_json_without_input_field(tmp_path):
     assert records[3] == {"instruction": "q3", "input": "", "output": "a3"}
 
 
+def test_json_with_a_byte_order_mark_and_one_line_jsonl(tmp_path):
+    from train.plan import _count_records
+    rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(3)]
+    bom = tmp_path / "bom.json"  # as Windows editors save UTF-8
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    assert data.load_records(str(bom))[0] == rows
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({**rows[0], "answer": "x"}) + "\n")
+    assert len(data.load_records(str(one))[0]) == 1
+    assert (_count_records(str(bom), 0), _count_records(str(one), 0)) == (3, 1)
+
+
 def test_validation_split_is_seeded_and_disjoint():
     records = arith.make_split(300, 0)[0]
     train, val = data.split_validation(records, 30)

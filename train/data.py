@@ -450,7 +450,7 @@ def _load_json(path: pathlib.Path) -> list[Record]:
                                 f"data path {path} is not a file; pass an LLM-Adapters .json")
     line = 0  # of the JSON line being parsed; 0 for a whole-file document
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not data
         if text.lstrip().startswith("["):
             records = json.loads(text)
         else:

@@ -312,11 +312,14 @@ def _count_records(path: str, embedded_train_size: int) -> int | None:
     p = pathlib.Path(path).expanduser()
     if not p.is_file():
         return None
-    text = p.read_text(encoding="utf-8")
+    text = p.read_text(encoding="utf-8-sig")
     try:
-        return len(json.loads(text))
+        records = json.loads(text)
     except json.JSONDecodeError:  # JSON lines
-        return sum(1 for line in text.splitlines() if line.strip())
+        records = None
+    if isinstance(records, list):
+        return len(records)
+    return sum(1 for line in text.splitlines() if line.strip())  # JSON lines (one: a dict)
 
 
 def _steps(cfg: TrainConfig) -> tuple[int, str]:
