@@ -215,6 +215,13 @@ def generate(model: nn.Module, params: Any, prompt_tokens: Sequence[Sequence[int
         raise ValueError(f"prompt {lengths.index(0)} has no tokens; every prompt needs at "
                          "least one (e.g. the BOS token)")
     gen_cfg = gen_cfg.resolve(cfg.eos_token_id, cfg.pad_token_id)
+    limit = getattr(cfg, "position_limit", None)  # models with learned positions (OPT)
+    # The last new token is never fed back: a row feeds prompt + max_new_tokens - 1.
+    if limit is not None and max(lengths) + gen_cfg.max_new_tokens - 1 > limit:
+        raise ValueError(f"the longest prompt ({max(lengths)} tokens) and max_new_tokens="
+                         f"{gen_cfg.max_new_tokens} need {max(lengths) + gen_cfg.max_new_tokens - 1}"
+                         f" positions, but the model has {limit}; shorten the prompt or lower "
+                         "max_new_tokens")
     b, p = bucket_batch(len(prompt_tokens)), bucket_length(max(lengths))
     tokens_bp = np.full((b, p), gen_cfg.pad_token_id, np.int32)
     valid_bp = np.zeros((b, p), bool)

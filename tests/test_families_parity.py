@@ -94,6 +94,17 @@ def test_greedy_equals_transformers_generate(tiny, name):
     np.testing.assert_array_equal(ours, seqs[:, width:].numpy())
 
 
+def test_opt_generation_past_its_learned_positions_is_refused(tiny):
+    _, pre = tiny("opt")  # max_position_embeddings=64
+    model = model_class(pre.config)(pre.config)
+    prompt = [[5] * 60]
+    fits = generate(model, pre.params, prompt, GenerationConfig(max_new_tokens=5,
+                                                                eos_token_ids=()))
+    assert fits.shape == (1, 5)  # feeds positions 0..63: the last one there is
+    with pytest.raises(ValueError, match="need 65 positions, but the model has 64"):
+        generate(model, pre.params, prompt, GenerationConfig(max_new_tokens=6, eos_token_ids=()))
+
+
 @pytest.mark.parametrize("name, rename", [
     # bigscience's BLOOM checkpoints are saved from the bare BloomModel: no "transformer.".
     ("bloom", lambda k: k.removeprefix("transformer.")),

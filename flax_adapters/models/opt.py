@@ -15,7 +15,8 @@ otherwise. Parameter names mirror Hugging Face's
 `model.decoder.embed_positions.weight`).
 
 Positions past `max_position_embeddings` have no embedding: their logits
-come out NaN (transformers raises an IndexError there).
+would come out NaN (transformers raises an IndexError there), so `generate`
+refuses a prompt plus `max_new_tokens` longer than `position_limit`.
 
 Not modelled: OPT's dropout (0.1 in the published configs). The frozen base
 runs deterministically here, in training too; adapters apply their own
@@ -78,6 +79,11 @@ class OPTConfig:
     @property
     def num_key_value_heads(self) -> int:
         return self.num_attention_heads
+
+    @property
+    def position_limit(self) -> int:
+        """Tokens a sequence may hold: learned positions end here."""
+        return self.max_position_embeddings
 
     @property
     def final_norm(self) -> bool:
