@@ -181,6 +181,15 @@ def test_resume_refuses_a_different_config_and_moves_nothing(model_dir, tmp_path
     assert steps_on_disk(out) == steps_on_disk(finished)
 
 
+def test_resume_compares_adapter_settings_with_their_defaults():
+    from train.config import resume_mismatches
+    lora = lambda **s: {"adapter": {"method": "lora", "settings": s}}  # noqa: E731
+    assert resume_mismatches(lora(), lora(r=16, dropout=0.0)) == []  # the defaults, spelled out
+    assert resume_mismatches(lora(), lora(r=8)) == ["adapter.settings.r: 16 -> 8"]
+    assert resume_mismatches(lora(r=8), {"adapter": {"method": "ia3", "settings": {}}}) == [
+        "adapter.method: 'lora' -> 'ia3'", "adapter.settings.r: 8 -> None"]
+
+
 def test_resume_after_the_newest_checkpoint_rotted(model_dir, tmp_path, finished, caplog):
     """A flipped byte in step 4's array data: orbax would restore it silently
     as different numbers; the fingerprint catches it, step 4 is set aside and

@@ -377,11 +377,25 @@ RESUME_MAY_CHANGE = ("output_dir", "log_every", "eval_every", "checkpoint_every"
                      "micro_batch_size", "model.remat")
 
 
+def _settings(adapter: dict) -> dict:
+    """adapter.settings with the method's defaults filled in, so an omitted
+    field and its default compare equal (as given when it does not build)."""
+    try:
+        return to_dict(from_dict(AdapterSection, adapter, "adapter").build())
+    except ValueError:
+        return adapter.get("settings", {})
+
+
 def resume_mismatches(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose value differs between the config a checkpoint was
     written under (`to_dict` form) and the current one, except RESUME_MAY_CHANGE.
     A key only one side has is a field added or removed since (its default
     holds), except inside adapter.settings, where absence means the default."""
+    adapters = saved.get("adapter"), current.get("adapter")
+    if not prefix and all(isinstance(a, dict) for a in adapters) and \
+            adapters[0].get("method") == adapters[1].get("method"):
+        saved, current = ({**c, "adapter": {**c["adapter"], "settings": _settings(c["adapter"])}}
+                          for c in (saved, current))
     out = []
     keys = set(saved) | set(current) if prefix == "adapter.settings." else \
         set(saved) & set(current)
