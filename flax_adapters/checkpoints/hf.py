@@ -14,7 +14,6 @@ sized from it: its dimensions must be positive integers.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import pathlib
