@@ -64,6 +64,21 @@ def save_tiny(path: pathlib.Path, name: str, seed: int = 0, layers: int | None =
     return model
 
 
+def tiny_models(tmp_path_factory):
+    """name -> (directory, torch model, our Pretrained), each saved and loaded
+    once: what the test modules' `tiny` fixtures hand out."""
+    from flax_adapters.checkpoints import load_pretrained
+
+    built = {}
+
+    def get(name):
+        if name not in built:
+            path = tmp_path_factory.mktemp(name)
+            built[name] = (path, save_tiny(path, name), load_pretrained(path))
+        return built[name]
+    return get
+
+
 def make_model_dir(path: pathlib.Path, name: str, seed: int = 0) -> pathlib.Path:
     """A tiny model of `name` with the word-level tokenizer of tests/tiny.py,
     for end-to-end runs of `python -m train`."""

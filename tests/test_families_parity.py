@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from families import FAMILIES, VARIANTS, VOCAB, save_tiny  # noqa: E402
+from families import FAMILIES, VARIANTS, VOCAB, save_tiny, tiny_models  # noqa: E402
 from tiny import padded_batch  # noqa: E402
 
 from flax_adapters.checkpoints import load_pretrained  # noqa: E402
@@ -28,14 +28,8 @@ from flax_adapters.models import init_cache, model_class  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """name -> (torch model, our Pretrained), built once per module."""
-    built = {}
-
-    def get(name):
-        if name not in built:
-            path = tmp_path_factory.mktemp(name)
-            built[name] = (save_tiny(path, name), load_pretrained(path))
-        return built[name]
-    return get
+    get = tiny_models(tmp_path_factory)
+    return lambda name: get(name)[1:]
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -21,13 +21,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from families import FAMILIES, VOCAB, save_tiny  # noqa: E402
+from families import FAMILIES, VOCAB, tiny_models  # noqa: E402
 from test_adapters_lora import perturb  # noqa: E402
 from tiny import padded_batch  # noqa: E402
 
 from flax_adapters.adapters import api, ia3, lora, peft_io, prefix, prompt, targeting  # noqa: E402
 from flax_adapters.adapters.tree import combine, split  # noqa: E402
-from flax_adapters.checkpoints import load_pretrained  # noqa: E402
 from flax_adapters.models import model_class  # noqa: E402
 
 TOL = 1e-4
@@ -37,14 +36,7 @@ P = 5
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """family -> (directory, torch model, our Pretrained)."""
-    built = {}
-
-    def get(name):
-        if name not in built:
-            path = tmp_path_factory.mktemp(name)
-            built[name] = (path, save_tiny(path, name), load_pretrained(path))
-        return built[name]
-    return get
+    return tiny_models(tmp_path_factory)
 
 
 def ours(pre, tree, cfg, positions=None):
