@@ -84,7 +84,7 @@ def worker(args) -> None:
     after = resident_mb()
     param_bytes = stored_bytes(pre.params)
     live_bytes = sum(a.nbytes for a in jax.live_arrays())
-    run = Ours(pre, args.batch, args.dropout)
+    run = Ours(pre, args.batch, "lora", args.dropout)
     batches = make_batches(pre.config.vocab_size, args.batch, args.seq)
     del pre
     start = time.perf_counter()

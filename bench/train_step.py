@@ -1,20 +1,25 @@
-"""LoRA train-step throughput: our jitted step against PyTorch + PEFT, and the roofline.
+"""Train-step throughput: our jitted step against PyTorch + PEFT, and the roofline.
 
-    python -m bench.train_step [--model tiny|smollm2] [--batch 16] [--seq 128] [--steps N]
-                               [--dropout 0.05] [--mallopt] [--env KEY=VALUE ...]
+    python -m bench.train_step [--model tiny|smollm2] [--method lora|series|parallel|prefix|full]
+                               [--batch 16] [--seq 128] [--steps N] [--dropout 0.05]
+                               [--mallopt] [--env KEY=VALUE ...]
 
 What runs on each side (the same weights, the same LoRA, the same batches):
 - ours: `train.step.train_step` jitted exactly as `train.loop.compile_steps`
   jits it (explicit shardings, donated state, one device mesh), float32,
   LoRA r=16 alpha=32 on q,k,v,up,down (PEFT-style kaiming A, zero B), AdamW
   with global-norm clipping (`train.step.make_optimizer`), matmul precision
-  "highest" as `python -m train` sets it. Each timed call is what the
+  "highest" as `python -m train` sets it (`--method` picks another adapter,
+  METHOD_SETTINGS). Each timed call is what the
   training loop does per step: build the global batch, run the step, fetch
   the metrics to the host.
 - PyTorch: transformers' LlamaForCausalLM + `peft.get_peft_model` with the
   same LoRA config, `model.train()`, float32, `torch.set_num_threads(cores)`,
   loss from `labels=`, backward, `clip_grad_norm_(1.0)`, `torch.optim.AdamW`
-  step (weight_decay 0, as ours), zero_grad.
+  step (weight_decay 0, as ours), zero_grad. Prefix tuning is PEFT's too;
+  series / parallel adapters are LLM-Adapters' bottleneck layers written
+  out here (`bottleneck_linear`: PEFT has none); full fine-tuning trains
+  every parameter of the plain transformers model.
 - Models: `tiny` is a random LLaMA built by transformers from the `TINY`
   config below (untied 32000-vocab head) and saved as safetensors, which both
   sides load; `smollm2` is SmolLM2-135M-Instruct from the GGUF in the
@@ -48,12 +53,15 @@ FLOPs (counted from the model shape, the same number for both sides):
     T = batch * seq tokens; per layer, matmul parameters
     P_layer = d*(h*n) + 2*d*(kv*n) + (h*n)*d + 3*d*f; P = L*P_layer + d*V (head)
     LoRA params per layer R = r * sum over targets (in + out)
+    (series / parallel adapters: R = their down and up kernels, counted from
+    our tree; prefix tuning: R = 0 and every query also attends p = 10 prefix
+    positions)
     attention per layer (full score matrix, as both implementations compute it):
-    A_fwd = 2 * 2*b*t*t*h*n   (Q K^T and P V)
+    A_fwd = 2 * 2*b*t*(t+p)*h*n   (Q K^T and P V)
     forward  = 2*T*(P + L*R) + L*A_fwd
     backward = 2*T*P           (input gradients of the frozen matmuls: one
                                 matmul each, their weight gradients are never
-                                needed -- a full fine-tune would need 2*T*P more)
+                                needed; full fine-tuning: 2*T*P more)
              + 2 * 2*T*L*R      (input and weight gradients of the LoRA matmuls)
              + 2 * L*A_fwd      (dQ, dK from dS; dP, dV from dO)
     step ~= 2 * forward, i.e. ~4*T*P; the embedding gather, norms, softmaxes,
@@ -81,6 +89,20 @@ import numpy as np
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 RANK, ALPHA, LR = 16, 32.0, 3e-4
+# --method: the adapter on both sides. LoRA as above; the others as the
+# LLM-Adapters recipes set them (configs/llama7b_{series,parallel,prefix}_math.yaml);
+# "full" is full fine-tuning, the paper's baseline.
+METHOD_SETTINGS = {
+    "lora": dict(r=RANK, alpha=ALPHA, target_modules=TARGETS),  # + dropout=--dropout
+    "series": dict(bottleneck_size=256, non_linearity="tanh", init="mam_adapter",
+                   target_modules=("up_proj", "gate_proj")),
+    "parallel": dict(bottleneck_size=256, non_linearity="tanh", init="mam_adapter",
+                     use_parallel_adapter=True, target_modules=("up_proj", "down_proj")),
+    "prefix": dict(num_virtual_tokens=10),
+    "full": {},
+}
+METHOD_NAMES = {"lora": "lora", "series": "bottleneck", "parallel": "bottleneck",
+                "prefix": "prefix", "full": "full"}
 PROTOCOL = "@@ "  # prefix of the worker's protocol lines on stdout
 
 # A fixed tiny LLaMA: hidden 256, 4 layers, 8 heads, 4 kv heads (head_dim 32),
@@ -135,18 +157,22 @@ def model_dims(cfg) -> dict:
                 V=cfg.vocab_size)
 
 
-def step_flops(dims: dict, batch: int, seq: int, rank: int = RANK) -> dict:
-    """FLOPs of one LoRA train step by the formula in the module docstring."""
+def step_flops(dims: dict, batch: int, seq: int, method: str = "lora",
+               adapter_matmul: int | None = None) -> dict:
+    """FLOPs of one train step by the formula in the module docstring;
+    `adapter_matmul` is L*R (default: LoRA r=RANK on TARGETS)."""
     d, f, L, h, kv, n, V = (dims[k] for k in ("d", "f", "L", "h", "kv", "n", "V"))
     T = batch * seq
     p_layer = d * h * n + 2 * d * kv * n + h * n * d + 3 * d * f
     P = L * p_layer + d * V
     io = {"q_proj": (d, h * n), "k_proj": (d, kv * n), "v_proj": (d, kv * n),
           "o_proj": (h * n, d), "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
-    R = rank * sum(sum(io[t]) for t in TARGETS)
-    attn = 2 * 2 * batch * seq * seq * h * n
-    fwd = 2 * T * (P + L * R) + L * attn
-    bwd = 2 * T * P + 2 * 2 * T * L * R + 2 * L * attn
+    LR_ = L * RANK * sum(sum(io[t]) for t in TARGETS) if adapter_matmul is None \
+        else adapter_matmul
+    prefix = METHOD_SETTINGS[method].get("num_virtual_tokens", 0)
+    attn = 2 * 2 * batch * seq * (seq + prefix) * h * n
+    fwd = 2 * T * (P + LR_) + L * attn
+    bwd = 2 * T * P + 2 * 2 * T * LR_ + 2 * L * attn + (2 * T * P if method == "full" else 0)
     return {"forward": fwd, "backward": bwd, "step": fwd + bwd, "head_share": d * V / P,
             "attn_share": 3 * L * attn / (fwd + bwd)}
 
@@ -158,14 +184,23 @@ def make_batches(vocab: int, batch: int, seq: int, count: int = 4, seed: int = 0
 
 # --------------------------------------------------------------------------- ours
 
-def ours_setup(pre, batch: int, dropout: float, steps: int = 1000):
+def adapter_config(method: str, dropout: float):
+    """Our config of `--method` (METHOD_SETTINGS)."""
+    from flax_adapters.adapters import api
+    settings = dict(METHOD_SETTINGS[method])
+    if method == "lora":
+        settings["dropout"] = dropout
+    return api.METHODS[METHOD_NAMES[method]](**settings)
+
+
+def ours_setup(pre, batch: int, method: str, dropout: float, steps: int = 1000):
     """(Setup, TrainConfig), built as `train.loop.build` builds them (minus
     tokenizer and data)."""
     import jax
     import jax.numpy as jnp
 
     from flax_adapters import sharding
-    from flax_adapters.adapters import api, axes, lora, tree
+    from flax_adapters.adapters import api, axes, tree
     from flax_adapters.models import LlamaForCausalLM, logical_axes
     from train import loop
     from train.config import OptimConfig, TrainConfig
@@ -173,7 +208,7 @@ def ours_setup(pre, batch: int, dropout: float, steps: int = 1000):
 
     cfg = TrainConfig(steps=steps, batch_size=batch, micro_batch_size=batch,
                       optim=OptimConfig(lr=LR, weight_decay=0.0, max_grad_norm=1.0))
-    lora_cfg = lora.LoraConfig(r=RANK, alpha=ALPHA, dropout=dropout, target_modules=TARGETS)
+    lora_cfg = adapter_config(method, dropout)
     key = jax.random.key(cfg.seed)
     full = api.inject(pre.params, lora_cfg, jax.random.fold_in(key, 1), "llama")
     frozen, trainable = tree.split(full, api.trainable(lora_cfg))
@@ -205,16 +240,21 @@ def ours_batch(tokens_bt: np.ndarray, batch_sh):
 class Ours:
     """Our step as the training loop runs it: `train.loop.compile_steps`."""
 
-    def __init__(self, pre, batch, dropout):
+    def __init__(self, pre, batch, method, dropout):
         import jax
 
         from train import loop
 
         self.jax = jax
-        self.setup, self.cfg = ours_setup(pre, batch, dropout)
+        self.setup, self.cfg = ours_setup(pre, batch, method, dropout)
         self.step_fn, _, self.batch_sh = loop.compile_steps(self.setup, self.cfg)
         self.state, self.frozen = self.setup.state, self.setup.frozen
         self.key = jax.random.key(self.cfg.seed)
+        leaves = jax.tree_util.tree_leaves(self.state.trainable)
+        self.trainable = sum(x.size for x in leaves)
+        # parameters of the adapter's matmuls on the token path (FLOP formula)
+        self.adapter_matmul = (sum(x.size for x in leaves if x.ndim == 2)
+                               if method in ("lora", "series", "parallel") else 0)
 
     def __call__(self, tokens_bt) -> float:
         self.state, metrics = self.step_fn(self.state, self.frozen,
@@ -254,17 +294,73 @@ class CompileCounter:
 
 # --------------------------------------------------------------------------- PyTorch
 
+def bottleneck_linear(base, kind: str, size: int):
+    """LLM-Adapters' bottleneck `Linear` around the frozen nn.Linear `base`
+    (PEFT has no bottleneck adapters): kind "mh" adapts the input (series
+    adapter before gate/up), "output" the output, "parallel" runs beside it;
+    tanh, scaling 1, no dropout, zero up-projection (its mam_adapter init)."""
+    import torch
+
+    class Bottleneck(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = base
+            dim_in = base.out_features if kind == "output" else base.in_features
+            dim_out = base.in_features if kind == "mh" else base.out_features
+            self.adapter_down = torch.nn.Linear(dim_in, size, bias=False)
+            self.adapter_up = torch.nn.Linear(size, dim_out, bias=False)
+            torch.nn.init.zeros_(self.adapter_up.weight)
+
+        def adapter(self, x):
+            return self.adapter_up(torch.tanh(self.adapter_down(x)))
+
+        def forward(self, x):
+            if kind == "mh":
+                return self.base(x + self.adapter(x))
+            if kind == "output":
+                y = self.base(x)
+                return y + self.adapter(y)
+            return self.base(x) + self.adapter(x)
+
+    return Bottleneck()
+
+
+def torch_adapter(torch_model, method: str, dropout: float):
+    """The PyTorch model with `--method`'s adapter: PEFT for LoRA and prefix
+    tuning, LLM-Adapters' bottleneck layers for series / parallel, every
+    parameter trainable for full fine-tuning."""
+    import peft
+
+    settings = METHOD_SETTINGS[method]
+    if method == "lora":
+        return peft.get_peft_model(torch_model, peft.LoraConfig(
+            r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=list(TARGETS),
+            task_type="CAUSAL_LM"))
+    if method == "prefix":
+        return peft.get_peft_model(torch_model, peft.PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=settings["num_virtual_tokens"]))
+    if method == "full":
+        return torch_model
+    for p in torch_model.parameters():
+        p.requires_grad_(False)
+    for layer in torch_model.model.layers:
+        for name in settings["target_modules"]:
+            kind = ("parallel" if settings.get("use_parallel_adapter")
+                    else "output" if name == "down_proj" else "mh")
+            setattr(layer.mlp, name, bottleneck_linear(getattr(layer.mlp, name), kind,
+                                                       settings["bottleneck_size"]))
+    return torch_model
+
+
 class Torch:
-    def __init__(self, torch_model, dropout):
-        import peft
+    def __init__(self, torch_model, method, dropout):
         import torch
 
         self.torch = torch
-        cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout,
-                              target_modules=list(TARGETS), task_type="CAUSAL_LM")
-        self.model = peft.get_peft_model(torch_model, cfg)
+        self.model = torch_adapter(torch_model, method, dropout)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable = sum(p.numel() for p in self.params)
         self.opt = torch.optim.AdamW(self.params, lr=LR, weight_decay=0.0)
 
     def __call__(self, tokens_bt) -> float:
@@ -305,7 +401,8 @@ def worker(args) -> None:
         pre = load_ours(args.model_dir)
         dims = model_dims(pre.config)
         loaded = vm_mb("VmHWM")
-        run = Ours(pre, args.batch, args.dropout)
+        run = Ours(pre, args.batch, args.method, args.dropout)
+        extra["adapter_matmul"] = run.adapter_matmul
         del pre
     else:
         import torch
@@ -313,7 +410,7 @@ def worker(args) -> None:
         tm = load_torch(args.model_dir)
         dims = {"V": tm.config.vocab_size}
         loaded = vm_mb("VmHWM")
-        run = Torch(tm, args.dropout)
+        run = Torch(tm, args.method, args.dropout)
         extra["threads"] = torch.get_num_threads()
     batches = make_batches(dims["V"], args.batch, args.seq)
     mark = counter.mark() if side == "ours" else 0
@@ -325,7 +422,8 @@ def worker(args) -> None:
         extra["xla_flops"] = run.cost_analysis_flops(batches[0])
         extra["dims"] = dims
         mark = counter.mark()
-    _say(ready=True, first_s=first, loss0=loss0, rss_load_mb=loaded, **extra)
+    _say(ready=True, first_s=first, loss0=loss0, rss_load_mb=loaded, trainable=run.trainable,
+         **extra)
     for line in sys.stdin:
         cmd = line.split()
         if cmd[0] == "step":
@@ -351,6 +449,8 @@ class Worker:
                  module: str = "bench.train_step"):
         cmd = [sys.executable, "-m", module, "--worker", side, "--batch",
                str(args.batch), "--seq", str(args.seq), "--dropout", str(args.dropout)]
+        if getattr(args, "method", None):
+            cmd += ["--method", args.method]
         if args.mallopt:
             cmd.append("--mallopt")
         if model_dir:
@@ -413,6 +513,9 @@ def main(argv=None):
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=None,
                         help="timed repetitions per side (default: 10 tiny, 5 smollm2)")
+    parser.add_argument("--method", choices=tuple(METHOD_SETTINGS), default="lora",
+                        help="the adapter on both sides (METHOD_SETTINGS); full: full "
+                             "fine-tuning")
     parser.add_argument("--dropout", type=float, default=0.05,
                         help="LoRA dropout on both sides (LLM-Adapters uses 0.05)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -459,7 +562,8 @@ def report(args, steps, setup_s, o_ready, t_ready, o_done, t_done, times, peak):
     import torch
 
     tokens = args.batch * args.seq
-    flops = step_flops(o_ready["dims"], args.batch, args.seq)
+    flops = step_flops(o_ready["dims"], args.batch, args.seq, args.method,
+                       o_ready["adapter_matmul"])
     med = {k: {f: statistics.median(r[f] for r in v) for f in ("wall", "user", "sys", "minflt")}
            for k, v in times.items()}
     best = {k: min(r["wall"] for r in v) for k, v in times.items()}
@@ -469,17 +573,26 @@ def report(args, steps, setup_s, o_ready, t_ready, o_done, t_done, times, peak):
           + (f"; mallopt applied: ours {o_ready.get('mallopt')}, PyTorch "
              f"{t_ready.get('mallopt')}" if args.mallopt else ""))
     print(f"model: {describe(args.model)}")
-    print(f"LoRA r={RANK} alpha={ALPHA:g} dropout={args.dropout:g} on {', '.join(TARGETS)}; "
-          f"AdamW lr={LR:g}, clip 1.0; float32; batch {args.batch} x seq {args.seq} = "
+    settings = dict(METHOD_SETTINGS[args.method], **(
+        {"dropout": args.dropout} if args.method == "lora" else {}))
+    print(f"method {args.method} ({', '.join(f'{k}={v}' for k, v in settings.items())}); "
+          f"trainable parameters: ours {o_ready['trainable']:,}, PyTorch "
+          f"{t_ready['trainable']:,}")
+    print(f"AdamW lr={LR:g}, clip 1.0; float32; batch {args.batch} x seq {args.seq} = "
           f"{tokens} tokens/step, all counted. Each side in its own process; workers "
           f"loaded and warmed up in {setup_s:.0f} s")
+    why = ("random prefixes on each side: they differ" if args.method == "prefix" else
+           "same weights and batch; the adapter's output projection starts at zero on both")
     print(f"first-step loss: ours {o_ready['loss0']:.5f}, PyTorch {t_ready['loss0']:.5f} "
-          f"(same weights and batch; B = 0 on both, so the adapter does not change it)")
+          f"({why})")
     print(f"\nmedian of {steps} interleaved repetitions (ours, PyTorch, ours, ...):")
     print("| side | step s (median) | step s (best) | tokens/s | CPU user s | CPU sys s | "
           "minor faults | achieved GFLOP/s | % of JAX matmul peak | peak RSS MB |\n"
           "|---|---|---|---|---|---|---|---|---|---|")
-    for k, name, done in (("ours", "ours (JAX)", o_done), ("torch", "PyTorch + PEFT", t_done)):
+    reference = {"series": "PyTorch (LLM-Adapters layers)", "parallel":
+                 "PyTorch (LLM-Adapters layers)", "full": "PyTorch"}.get(args.method,
+                                                                         "PyTorch + PEFT")
+    for k, name, done in (("ours", "ours (JAX)", o_done), ("torch", reference, t_done)):
         m = med[k]
         gf = flops["step"] / m["wall"] / 1e9
         print(f"| {name} | {m['wall']:.3f} | {best[k]:.3f} | {tokens / m['wall']:.0f} | "
