@@ -10,6 +10,7 @@ mesh runs any model (e.g. SmolLM2's 3 kv heads on tensor=2).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, Sequence
 
@@ -95,6 +96,31 @@ def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -
                 continue
         out.append(None)
     return P(*out)
+
+
+def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
+    """`x` pinned to the logical `axes` on the current mesh (`on_mesh`, or
+    `jax.set_mesh`); unchanged without one, or on a mesh without our axes.
+
+    The models pin their residual stream to ("batch", None, None) and their
+    logits to ("batch", None, "vocab"): left to itself, XLA's sharding
+    propagation follows the fsdp-sharded 'embed' dimension of the weights into
+    the activations and all-reduces whole activations (the full-batch logits
+    included) instead of gathering the weights (bench/collectives.py)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, spec_for(axes, x.shape, mesh))
+
+
+def on_mesh(fn: Any, mesh: Mesh) -> Any:
+    """`fn`, traced with `mesh` as the current (abstract) mesh, so that the
+    models' `constrain` calls apply: wrap a function before `jax.jit`."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return traced
 
 
 def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:

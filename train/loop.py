@@ -145,12 +145,13 @@ def compile_steps(s: Setup, cfg: TrainConfig):
     key_sh = sharding.replicated(s.mesh)
     window = s.prepared.info["loss_window"] if s.prepared is not None else None
     step_fn = jax.jit(
-        functools.partial(train_step, model=s.model, optimizer=_optimizer(cfg),
-                          loss_window=window),
+        sharding.on_mesh(functools.partial(train_step, model=s.model, optimizer=_optimizer(cfg),
+                                           loss_window=window), s.mesh),
         in_shardings=(s.state_shardings, s.frozen_shardings, batch_sh, key_sh),
         out_shardings=(s.state_shardings, sharding.replicated(s.mesh)),
         donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(eval_step, model=s.model, loss_window=window),
+    eval_fn = jax.jit(sharding.on_mesh(functools.partial(eval_step, model=s.model,
+                                                         loss_window=window), s.mesh),
                       in_shardings=(s.state_shardings.trainable, s.frozen_shardings, batch_sh),
                       out_shardings=sharding.replicated(s.mesh))
     return step_fn, eval_fn, batch_sh

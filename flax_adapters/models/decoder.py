@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_adapters import sharding
 from flax_adapters.adapters import sites
 from flax_adapters.models.layers import attention_mask, dot_attention
 from flax_adapters.quant import array as qarray
@@ -133,10 +134,12 @@ def decoder_stack(mdl: nn.Module, layer_cls: type[nn.Module], layer_args: tuple,
         layer_cls = nn.remat(layer_cls, static_argnums=(len(per_call) + 4,))
     cache = x.cache
     new_cache: Cache | None = None if cache is None else dict(cache)
+    h_btd = sharding.constrain(h_btd, "batch", None, None)
     for i in range(mdl.cfg.num_hidden_layers):
         name = f"layers_{i}"
         h_btd, layer_cache = layer_cls(*layer_args, name=name)(
             h_btd, *per_call, None if cache is None else cache[name], x.index, deterministic)
+        h_btd = sharding.constrain(h_btd, "batch", None, None)
         if new_cache is not None:
             new_cache[name] = layer_cache
     if new_cache is not None:
@@ -175,4 +178,4 @@ def output_logits(mdl: nn.Module, h_btd: jax.Array, embedding_vd: Any, tied: boo
         bias = mdl.param("lm_head_bias", nn.with_logical_partitioning(
             nn.initializers.zeros, ("vocab",)), (embedding_vd.shape[0],), mdl.param_dtype)
         logits = logits + bias.astype(jnp.float32)
-    return logits
+    return sharding.constrain(logits, "batch", None, "vocab")
