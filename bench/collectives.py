@@ -118,8 +118,10 @@ def mesh_config(text: str):
     return MeshConfig(**sizes)
 
 
-def lowered_step(model_cfg, method: str, mesh_cfg, batch: int, seq: int):
-    """(compiled HLO text, facts for the expectation) of our train step on `mesh_cfg`."""
+def compiled_step(model_cfg, method: str, mesh_cfg, batch: int, seq: int, *,
+                  dropout: float = 0.0, remat: bool = False, devices=None):
+    """(XLA's compiled train step, facts for the expectation) on `mesh_cfg`
+    over `devices` (default: all), lowered on abstract arrays."""
     import jax
     import jax.numpy as jnp
 
@@ -132,10 +134,10 @@ def lowered_step(model_cfg, method: str, mesh_cfg, batch: int, seq: int):
     from train.plan import _cast, base_shapes
     from train.step import TrainState
 
-    adapter_cfg = adapter_config(method, 0.0)
+    adapter_cfg = adapter_config(method, dropout)
     cfg = TrainConfig(steps=1000, batch_size=batch, micro_batch_size=batch,
                       optim=OptimConfig(lr=3e-4, weight_decay=0.0, max_grad_norm=1.0))
-    mesh = sharding.make_mesh(mesh_cfg)
+    mesh = sharding.make_mesh(mesh_cfg, devices)
     base, base_axes = base_shapes(model_cfg)
     base = _cast(base, jnp.float32)
     full = jax.eval_shape(lambda b: api.inject(b, adapter_cfg, jax.random.key(0), "llama"), base)
@@ -150,14 +152,14 @@ def lowered_step(model_cfg, method: str, mesh_cfg, batch: int, seq: int):
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), trainable, opt_state)
     state_sh = TrainState(sharding.replicated(mesh), trainable_sh, opt_sh)
     model = model_class(model_cfg)(model_cfg, dtype=jnp.float32,
-                                   settings=api.settings_for(adapter_cfg, "llama"), remat=False)
+                                   settings=api.settings_for(adapter_cfg, "llama"), remat=remat)
     setup = loop.Setup(model, None, adapter_cfg, "llama", mesh, frozen, state, state_sh,
                        frozen_sh, None)
     step, _, _ = loop.compile_steps(setup, cfg)
     rows = jax.ShapeDtypeStruct((1, batch, seq), jnp.int32)
     flags = jax.ShapeDtypeStruct((1, batch, seq), jnp.bool_)
-    hlo = step.lower(state, frozen, {"tokens": rows, "valid": flags, "loss_mask": flags},
-                     jax.random.key(0)).compile().as_text()
+    compiled = step.lower(state, frozen, {"tokens": rows, "valid": flags, "loss_mask": flags},
+                          jax.random.key(0)).compile()
 
     def sharded_bytes(shapes, shs, skip=()):
         """(bytes of the leaves split over fsdp, bytes of all leaves per tensor shard)."""
@@ -185,7 +187,7 @@ def lowered_step(model_cfg, method: str, mesh_cfg, batch: int, seq: int):
     # v, gate, up per layer (not layer 0's q, k, v with a frozen embedding) + the head
     activations = ((2 * L + 1) + (5 * L + 1 - (0 if method == "full" else 3))) * unit \
         if mesh.shape["tensor"] > 1 else 0
-    return hlo, {"gather": gathered, "grads": grads if mesh.shape["data"] * mesh.shape["fsdp"] > 1
+    return compiled, {"gather": gathered, "grads": grads if mesh.shape["data"] * mesh.shape["fsdp"] > 1
                  else 0, "activations": activations, "mesh": dict(mesh.shape),
                  "trainable": sum(x.size for x in jax.tree_util.tree_leaves(trainable))}
 
@@ -193,7 +195,8 @@ def lowered_step(model_cfg, method: str, mesh_cfg, batch: int, seq: int):
 def measure(model_cfg, method: str, mesh_text: str, batch: int, seq: int) -> tuple[str, dict]:
     """(HLO, {facts..., bytes: op -> bytes, count: op -> number, small, loops,
     measured, expected}) of the step on the mesh `mesh_text`."""
-    hlo, facts = lowered_step(model_cfg, method, mesh_config(mesh_text), batch, seq)
+    compiled, facts = compiled_step(model_cfg, method, mesh_config(mesh_text), batch, seq)
+    hlo = compiled.as_text()
     by_op, count, small, loops = collections.Counter(), collections.Counter(), 0, 0
     for c in collectives(hlo):
         loops += bool(c["computation"] and "body" in c["computation"])
