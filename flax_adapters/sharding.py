@@ -120,6 +120,8 @@ def on_mesh(fn: Any, mesh: Mesh) -> Any:
     def traced(*args, **kwargs):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return fn(*args, **kwargs)
+    # jit names its computation after this (a partial has no name of its own)
+    traced.__name__ = getattr(getattr(fn, "func", fn), "__name__", "traced")
     return traced
 
 
