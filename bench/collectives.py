@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import os
 import re
 import subprocess
@@ -187,9 +186,11 @@ def compiled_step(model_cfg, method: str, mesh_cfg, batch: int, seq: int, *,
     # v, gate, up per layer (not layer 0's q, k, v with a frozen embedding) + the head
     activations = ((2 * L + 1) + (5 * L + 1 - (0 if method == "full" else 3))) * unit \
         if mesh.shape["tensor"] > 1 else 0
-    return compiled, {"gather": gathered, "grads": grads if mesh.shape["data"] * mesh.shape["fsdp"] > 1
-                 else 0, "activations": activations, "mesh": dict(mesh.shape),
-                 "trainable": sum(x.size for x in jax.tree_util.tree_leaves(trainable))}
+    if mesh.shape["data"] * mesh.shape["fsdp"] == 1:
+        grads = 0  # one batch shard: nothing to reduce
+    return compiled, {"gather": gathered, "grads": grads, "activations": activations,
+                      "mesh": dict(mesh.shape),
+                      "trainable": sum(x.size for x in jax.tree_util.tree_leaves(trainable))}
 
 
 def measure(model_cfg, method: str, mesh_text: str, batch: int, seq: int) -> tuple[str, dict]:
