@@ -126,11 +126,11 @@ def compiled_step(model_cfg, method: str, mesh_cfg, batch: int, seq: int, *,
 
     from bench.train_step import adapter_config
     from flax_adapters import sharding
-    from flax_adapters.adapters import api, axes, tree
+    from flax_adapters.adapters import api
     from flax_adapters.models import model_class
     from train import loop
     from train.config import OptimConfig, TrainConfig
-    from train.plan import _cast, base_shapes
+    from train.plan import _cast, abstract_split, base_shapes
     from train.step import TrainState
 
     adapter_cfg = adapter_config(method, dropout)
@@ -138,13 +138,9 @@ def compiled_step(model_cfg, method: str, mesh_cfg, batch: int, seq: int, *,
                       optim=OptimConfig(lr=3e-4, weight_decay=0.0, max_grad_norm=1.0))
     mesh = sharding.make_mesh(mesh_cfg, devices)
     base, base_axes = base_shapes(model_cfg)
-    base = _cast(base, jnp.float32)
-    full = jax.eval_shape(lambda b: api.inject(b, adapter_cfg, jax.random.key(0), "llama"), base)
-    is_trainable = api.trainable(adapter_cfg, "llama")
-    frozen, trainable = tree.split(full, is_trainable)
-    frozen_names, trainable_names = tree.split(axes.adapter_axes(full, base_axes), is_trainable)
-    frozen_sh = sharding.tree_shardings(frozen_names, frozen, mesh)
-    trainable_sh = sharding.tree_shardings(trainable_names, trainable, mesh)
+    split = abstract_split(_cast(base, jnp.float32), base_axes, adapter_cfg, "llama", mesh)
+    frozen, trainable, frozen_sh, trainable_sh = (split.frozen, split.trainable, split.frozen_sh,
+                                                  split.trainable_sh)
     optimizer = loop._optimizer(cfg)
     opt_state = jax.eval_shape(optimizer.init, trainable)
     opt_sh = loop._opt_shardings(optimizer, trainable, trainable_sh, mesh)
@@ -163,10 +159,8 @@ def compiled_step(model_cfg, method: str, mesh_cfg, batch: int, seq: int, *,
     def sharded_bytes(shapes, shs, skip=()):
         """(bytes of the leaves split over fsdp, bytes of all leaves per tensor shard)."""
         on_fsdp = per_tensor = 0
-        for path, x in jax.tree_util.tree_leaves_with_path(shapes):
-            sh = shs
-            for k in path:
-                sh = sh[k.key]
+        for (path, x), sh in zip(jax.tree_util.tree_leaves_with_path(shapes),
+                                 jax.tree_util.tree_leaves(shs)):
             used = {a for entry in sh.spec if entry for a in
                     (entry if isinstance(entry, tuple) else (entry,))}
             nbytes = x.size * x.dtype.itemsize // (mesh.shape["tensor"] if "tensor" in used else 1)
@@ -178,8 +172,8 @@ def compiled_step(model_cfg, method: str, mesh_cfg, batch: int, seq: int, *,
     # An untied embedding table whose vocabulary is not split over tensor is
     # never gathered: its lookup moves only the looked-up rows.
     skip = () if model_cfg.tie_word_embeddings or mesh.shape["tensor"] > 1 else ("embed_tokens",)
-    gathered = sharded_bytes(frozen, frozen_sh, skip)[0] + sharded_bytes(trainable, trainable_sh)[0]
-    grads = sharded_bytes(trainable, trainable_sh)[1]
+    trainable_fsdp, grads = sharded_bytes(trainable, trainable_sh)
+    gathered = sharded_bytes(frozen, frozen_sh, skip)[0] + trainable_fsdp
     L, d = model_cfg.num_hidden_layers, model_cfg.hidden_size
     unit = batch * seq // (mesh.shape["data"] * mesh.shape["fsdp"]) * d * 4
     # forward: o_proj, down_proj per layer + the embedding lookup; backward: q, k,

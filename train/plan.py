@@ -56,7 +56,7 @@ import logging
 import math
 import pathlib
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend
@@ -338,6 +338,31 @@ def _steps(cfg: TrainConfig) -> tuple[int, str]:
                    f"({n:,} - {cfg.data.val_set_size} val) records // {cfg.batch_size}")
 
 
+class AbstractSplit(NamedTuple):
+    frozen: dict
+    trainable: dict
+    frozen_names: dict  # logical axes of each leaf
+    trainable_names: dict
+    frozen_sh: dict  # NamedShardings on the mesh
+    trainable_sh: dict
+
+
+def abstract_split(base: dict, base_axes: dict, adapter_cfg: Any, model_type: str,
+                   mesh: Any) -> AbstractSplit:
+    """`base` (shapes) with the adapter injected and split as `train.loop.build`
+    splits it, the trainable leaves in float32 as the run keeps them, with
+    their logical axes and shardings on `mesh`. Nothing is allocated."""
+    full = jax.eval_shape(lambda b: api.inject(b, adapter_cfg, jax.random.key(0), model_type),
+                          base)
+    is_trainable = api.trainable(adapter_cfg, model_type)
+    frozen, trainable = tree.split(full, is_trainable)
+    trainable = _cast(trainable, jnp.float32)
+    frozen_names, trainable_names = tree.split(axes.adapter_axes(full, base_axes), is_trainable)
+    return AbstractSplit(frozen, trainable, frozen_names, trainable_names,
+                         sharding.tree_shardings(frozen_names, frozen, mesh),
+                         sharding.tree_shardings(trainable_names, trainable, mesh))
+
+
 def make_plan(cfg: TrainConfig, *, num_devices: int, device_kind: str | None = None,
               device_memory_gb: float | None = None) -> Plan:
     """The plan of `cfg` on `num_devices` devices. Device memory: `device_memory_gb`
@@ -363,14 +388,8 @@ def make_plan(cfg: TrainConfig, *, num_devices: int, device_kind: str | None = N
     if quant_cfg is not None:
         quant_cfg = dataclasses.replace(quant_cfg, model_type=model_type)
         base = jax.eval_shape(lambda b: quantize_params(b, quant_cfg), base)
-    full = jax.eval_shape(lambda b: api.inject(b, adapter_cfg, jax.random.key(0), model_type),
-                          base)
-    is_trainable = api.trainable(adapter_cfg, model_type)
-    frozen, trainable = tree.split(full, is_trainable)
-    trainable = _cast(trainable, jnp.float32)
-    frozen_names, trainable_names = tree.split(axes.adapter_axes(full, base_axes), is_trainable)
-    frozen_sh = sharding.tree_shardings(frozen_names, frozen, mesh)
-    trainable_sh = sharding.tree_shardings(trainable_names, trainable, mesh)
+    frozen, trainable, frozen_names, trainable_names, frozen_sh, trainable_sh = abstract_split(
+        base, base_axes, adapter_cfg, model_type, mesh)
 
     steps, steps_text = _steps(cfg)
     optimizer = _optimizer(dataclasses.replace(cfg, steps=steps))
