@@ -167,12 +167,13 @@ def step_flops(dims: dict, batch: int, seq: int, method: str = "lora",
     P = L * p_layer + d * V
     io = {"q_proj": (d, h * n), "k_proj": (d, kv * n), "v_proj": (d, kv * n),
           "o_proj": (h * n, d), "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
-    LR_ = L * RANK * sum(sum(io[t]) for t in TARGETS) if adapter_matmul is None \
-        else adapter_matmul
+    if adapter_matmul is None:
+        adapter_matmul = L * RANK * sum(sum(io[t]) for t in TARGETS)
     prefix = METHOD_SETTINGS[method].get("num_virtual_tokens", 0)
     attn = 2 * 2 * batch * seq * (seq + prefix) * h * n
-    fwd = 2 * T * (P + LR_) + L * attn
-    bwd = 2 * T * P + 2 * 2 * T * LR_ + 2 * L * attn + (2 * T * P if method == "full" else 0)
+    fwd = 2 * T * (P + adapter_matmul) + L * attn
+    bwd = 2 * T * P + 2 * 2 * T * adapter_matmul + 2 * L * attn + \
+        (2 * T * P if method == "full" else 0)
     return {"forward": fwd, "backward": bwd, "step": fwd + bwd, "head_share": d * V / P,
             "attn_share": 3 * L * attn / (fwd + bwd)}
 
