@@ -124,31 +124,33 @@ def compiled_step(model_cfg, method: str, mesh_cfg, batch: int, seq: int, *,
     import jax
     import jax.numpy as jnp
 
+    import flax_adapters as fa
     from bench.train_step import adapter_config
     from flax_adapters import sharding
-    from flax_adapters.adapters import api
-    from flax_adapters.models import model_class
+    from flax_adapters.step import TrainState, optimizer_shardings
     from train import loop
     from train.config import OptimConfig, TrainConfig
-    from train.plan import _cast, abstract_split, base_shapes
-    from train.step import TrainState
+    from train.plan import abstract_split, base_shapes, cast_shapes
 
     adapter_cfg = adapter_config(method, dropout)
     cfg = TrainConfig(steps=1000, batch_size=batch, micro_batch_size=batch,
                       optim=OptimConfig(lr=3e-4, weight_decay=0.0, max_grad_norm=1.0))
     mesh = sharding.make_mesh(mesh_cfg, devices)
     base, base_axes = base_shapes(model_cfg)
-    split = abstract_split(_cast(base, jnp.float32), base_axes, adapter_cfg, "llama", mesh)
+    model_type = model_cfg.model_type
+    split = abstract_split(cast_shapes(base, jnp.float32), base_axes, adapter_cfg, model_type,
+                           mesh)
     frozen, trainable, frozen_sh, trainable_sh = (split.frozen, split.trainable, split.frozen_sh,
                                                   split.trainable_sh)
-    optimizer = loop._optimizer(cfg)
-    opt_state = jax.eval_shape(optimizer.init, trainable)
-    opt_sh = loop._opt_shardings(optimizer, trainable, trainable_sh, mesh)
+    opt = loop.optimizer(cfg)
+    opt_state = jax.eval_shape(opt.init, trainable)
+    opt_sh = optimizer_shardings(opt, trainable, trainable_sh, mesh)
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), trainable, opt_state)
     state_sh = TrainState(sharding.replicated(mesh), trainable_sh, opt_sh)
-    model = model_class(model_cfg)(model_cfg, dtype=jnp.float32,
-                                   settings=api.settings_for(adapter_cfg, "llama"), remat=remat)
-    setup = loop.Setup(model, None, adapter_cfg, "llama", mesh, frozen, state, state_sh,
+    model = fa.model_class(model_cfg)(model_cfg, dtype=jnp.float32,
+                                      settings=fa.settings_for(adapter_cfg, model_type),
+                                      remat=remat)
+    setup = loop.Setup(model, None, adapter_cfg, model_type, mesh, frozen, state, state_sh,
                        frozen_sh, None)
     step, _, _ = loop.compile_steps(setup, cfg)
     rows = jax.ShapeDtypeStruct((1, batch, seq), jnp.int32)

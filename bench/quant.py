@@ -43,7 +43,7 @@ import sys
 import time
 import types
 
-from bench.train_step import Worker, _say, make_batches, vm_mb
+from bench.train_step import Worker, say, make_batches, vm_mb
 
 BASES = {  # name -> load_pretrained(dtype, quantize)
     "float32": ("float32", None),
@@ -89,7 +89,7 @@ def worker(args) -> None:
     del pre
     start = time.perf_counter()
     loss0 = run(batches[0])
-    _say(ready=True, first_s=time.perf_counter() - start, loss0=loss0, load_s=load_s,
+    say(ready=True, first_s=time.perf_counter() - start, loss0=loss0, load_s=load_s,
          param_bytes=param_bytes, live_bytes=live_bytes, rss_params_mb=after - before,
          rss_load_peak_mb=load_peak)
     for line in sys.stdin:
@@ -97,9 +97,9 @@ def worker(args) -> None:
         if cmd[0] == "step":
             t0 = time.perf_counter()
             loss = run(batches[int(cmd[1]) % len(batches)])
-            _say(wall=time.perf_counter() - t0, loss=loss)
+            say(wall=time.perf_counter() - t0, loss=loss)
         elif cmd[0] == "done":
-            _say(rss_peak_mb=vm_mb("VmHWM") * 1.048576)
+            say(rss_peak_mb=vm_mb("VmHWM") * 1.048576)
             return
 
 
@@ -119,10 +119,10 @@ def compile_worker(args) -> None:
     before = resident_mb()
     for path, shape in leaves:
         jax.block_until_ready(quantize_leaf(path, np.zeros(shape, np.float32), cfg))
-    _say(ready=True, compile_rss_mb=resident_mb() - before)
+    say(ready=True, compile_rss_mb=resident_mb() - before)
     for line in sys.stdin:
         if line.split()[0] == "done":
-            _say(done=True)
+            say(done=True)
             return
 
 

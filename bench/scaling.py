@@ -40,7 +40,7 @@ def main(argv=None):
 
     from bench.train_step import (CompileCounter, Ours, load_ours, make_batches, make_tiny_dir,
                                   matmul_peak, model_dims, step_flops)
-    from train.runtime import keep_freed_memory
+    from flax_adapters.runtime import keep_freed_memory
 
     if args.mallopt:
         keep_freed_memory()

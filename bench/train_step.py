@@ -5,10 +5,10 @@
                                [--mallopt] [--env KEY=VALUE ...]
 
 What runs on each side (the same weights, the same LoRA, the same batches):
-- ours: `train.step.train_step` jitted exactly as `train.loop.compile_steps`
+- ours: `flax_adapters.step.train_step` jitted exactly as `train.loop.compile_steps`
   jits it (explicit shardings, donated state, one device mesh), float32,
   LoRA r=16 alpha=32 on q,k,v,up,down (PEFT-style kaiming A, zero B), AdamW
-  with global-norm clipping (`train.step.make_optimizer`), matmul precision
+  with global-norm clipping (`flax_adapters.step.make_optimizer`), matmul precision
   "highest" as `python -m train` sets it (`--method` picks another adapter,
   METHOD_SETTINGS). Each timed call is what the
   training loop does per step: build the global batch, run the step, fetch
@@ -187,55 +187,35 @@ def make_batches(vocab: int, batch: int, seq: int, count: int = 4, seed: int = 0
 
 def adapter_config(method: str, dropout: float):
     """Our config of `--method` (METHOD_SETTINGS)."""
-    from flax_adapters.adapters import api
+    from flax_adapters.adapters import METHODS
     settings = dict(METHOD_SETTINGS[method])
     if method == "lora":
         settings["dropout"] = dropout
-    return api.METHODS[METHOD_NAMES[method]](**settings)
+    return METHODS[METHOD_NAMES[method]].config(**settings)
 
 
 def ours_setup(pre, batch: int, method: str, dropout: float, steps: int = 1000):
     """(Setup, TrainConfig), built as `train.loop.build` builds them (minus
-    tokenizer and data)."""
+    tokenizer and data: `loop.place` lays out the same adapted tree)."""
     import jax
     import jax.numpy as jnp
 
-    from flax_adapters import sharding
-    from flax_adapters.adapters import api, axes, tree
-    from flax_adapters.models import LlamaForCausalLM, logical_axes
+    import flax_adapters as fa
     from train import loop
     from train.config import OptimConfig, TrainConfig
-    from train.step import TrainState
 
     cfg = TrainConfig(steps=steps, batch_size=batch, micro_batch_size=batch,
                       optim=OptimConfig(lr=LR, weight_decay=0.0, max_grad_norm=1.0))
-    lora_cfg = adapter_config(method, dropout)
-    key = jax.random.key(cfg.seed)
-    full = api.inject(pre.params, lora_cfg, jax.random.fold_in(key, 1), "llama")
-    frozen, trainable = tree.split(full, api.trainable(lora_cfg))
-    model = LlamaForCausalLM(pre.config, dtype=jnp.float32,
-                             settings=api.settings_for(lora_cfg, "llama"), remat=False)
-    mesh = sharding.make_mesh(cfg.mesh)
-    names = axes.adapter_axes(full, logical_axes(pre.config))
-    frozen_names, trainable_names = tree.split(names, api.trainable(lora_cfg))
-    frozen_sh = sharding.tree_shardings(frozen_names, frozen, mesh)
-    trainable_sh = sharding.tree_shardings(trainable_names, trainable, mesh)
-    frozen = jax.device_put(frozen, frozen_sh)
-    trainable = jax.device_put(trainable, trainable_sh)
-    optimizer = loop._optimizer(cfg)
-    opt_state = jax.jit(optimizer.init, out_shardings=loop._opt_shardings(
-        optimizer, trainable, trainable_sh, mesh))(trainable)
-    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh)),
-                       trainable, opt_state)
-    state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    return loop.Setup(model, None, lora_cfg, "llama", mesh, frozen, state, state_sh, frozen_sh,
-                      None), cfg
+    adapted = fa.adapt(pre, adapter_config(method, dropout),
+                       jax.random.fold_in(jax.random.key(cfg.seed), 1), dtype=jnp.float32)
+    return loop.Setup(adapted.model, None, adapted.cfg, adapted.model_type,
+                      *loop.place(adapted, cfg), None), cfg
 
 
 def ours_batch(tokens_bt: np.ndarray, batch_sh):
-    from train.loop import _to_global
+    from flax_adapters.sharding import global_batch
     ones = np.ones(tokens_bt.shape, bool)
-    return _to_global({"tokens": tokens_bt, "valid": ones, "loss_mask": ones}, 1, batch_sh)
+    return global_batch({"tokens": tokens_bt, "valid": ones, "loss_mask": ones}, 1, batch_sh)
 
 
 class Ours:
@@ -384,7 +364,7 @@ def vm_mb(field: str) -> float:
     return float("nan")
 
 
-def _say(**msg) -> None:
+def say(**msg) -> None:
     print(PROTOCOL + json.dumps(msg), flush=True)
 
 
@@ -392,7 +372,7 @@ def worker(args) -> None:
     """`--worker ours|torch`: load one side, answer `step i` lines on stdin
     with that step's timings, `done` with the totals."""
     side = args.worker
-    from train.runtime import keep_freed_memory
+    from flax_adapters.runtime import keep_freed_memory
     extra = {"mallopt": keep_freed_memory()} if args.mallopt else {}
     if side == "ours":
         import jax
@@ -423,7 +403,7 @@ def worker(args) -> None:
         extra["xla_flops"] = run.cost_analysis_flops(batches[0])
         extra["dims"] = dims
         mark = counter.mark()
-    _say(ready=True, first_s=first, loss0=loss0, rss_load_mb=loaded, trainable=run.trainable,
+    say(ready=True, first_s=first, loss0=loss0, rss_load_mb=loaded, trainable=run.trainable,
          **extra)
     for line in sys.stdin:
         cmd = line.split()
@@ -431,14 +411,14 @@ def worker(args) -> None:
             r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             loss = run(batches[int(cmd[1]) % len(batches)])
             t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-            _say(wall=t1 - t0, user=r1.ru_utime - r0.ru_utime, sys=r1.ru_stime - r0.ru_stime,
+            say(wall=t1 - t0, user=r1.ru_utime - r0.ru_utime, sys=r1.ru_stime - r0.ru_stime,
                  minflt=r1.ru_minflt - r0.ru_minflt, loss=loss)
         elif cmd[0] == "done":
             done = {"rss_peak_mb": vm_mb("VmHWM")}
             if side == "ours":
                 done["recompiles"] = counter.since(mark)[0]
                 done["cache_size"] = run.step_fn._cache_size()
-            _say(**done)
+            say(**done)
             return
 
 

@@ -27,7 +27,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--model", help="HF model directory or .gguf file (default: the embedded "
                                    "SmolLM2-135M-Instruct)")
-    p.add_argument("--adapter", help="PEFT-format adapter directory to apply to --model")
+    p.add_argument("--adapter", help="adapter directory to apply to --model, as python -m train "
+                                     "writes it: PEFT (LoRA, DoRA, IA3, prefix, prompt), "
+                                     "LLM-Adapters BOTTLENECK (series, parallel), or a fully "
+                                     "fine-tuned model directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="storage dtype of the base weights")
     p.add_argument("--template", default="alpaca",
@@ -45,8 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from train.runtime import keep_freed_memory
-    keep_freed_memory()  # before JAX allocates anything; see train/runtime.py
+    from flax_adapters.runtime import keep_freed_memory
+    keep_freed_memory()  # before JAX allocates anything; see flax_adapters/runtime.py
     from eval.run import EvalConfig, markdown_table, run  # after parsing: --help stays fast
     cfg = EvalConfig(datasets=tuple(args.datasets), output_dir=args.output_dir,
                      data_path=args.data_path, generations=args.generations, model=args.model,

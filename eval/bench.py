@@ -3,7 +3,7 @@
     python -m eval.bench --data_path ../shared/data/llm_adapters --dataset gsm8k \\
         --limit 32 --batch_size 16 --max_new_tokens 128
 
-Both sides get the same prompts (built by `eval.run.encode_prompts`), sorted
+Both sides get the same prompts (built by `eval.generator.encode_prompts`), sorted
 by length into the same batches, greedy decoding, the same EOS ids and the
 same `max_new_tokens`; both count generated tokens up to and including EOS.
 Both sides run batch by batch, interleaved (ours, then transformers, on the
@@ -105,7 +105,7 @@ def main(argv=None):
     p.add_argument("--template", default="alpaca")
     args = p.parse_args(argv)
 
-    from eval.run import encode_prompts, load_generator
+    from eval.generator import encode_prompts, load_generator
     from eval.tasks import get_task, load_task_records
     from flax_adapters.checkpoints.load import default_model_path
 

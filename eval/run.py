@@ -3,12 +3,8 @@
 Reference: LLM-Adapters (Hu et al. 2023) `evaluate.py` / `commonsense_evaluate.py`,
 which generate one prompt at a time (batch 1, no KV cache reuse across
 examples) with 4 beams and score as in `eval/extract.py`. Here prompts are
-built and tokenized as in training (`train.data.encode_prompt`, whose
-text is `train.data.prompt_for_eval`), sorted by
-length and decoded in batches by the jitted KV-cache decoder
-(`flax_adapters.generate`, greedy) or by `eval/beam.py` (`num_beams > 1`);
-shapes are bucketed, so a whole dataset compiles a handful of times. Sorting
-does not change results: rows of a batch never interact.
+built and tokenized as in training (eval/prompts.py) and decoded in batches
+by eval/generator.py (greedy, or beam search with `num_beams > 1`).
 
 Scoring-only mode reads existing generations (JSON or JSONL records with
 `question`/`instruction`, `generation`/`output`/`chain-of-thought` and
@@ -26,12 +22,12 @@ import json
 import math
 import pathlib
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from eval import extract
+from eval.generator import Generator, encode_prompts, load_generator
 from eval.tasks import Task, check_labels, check_records, get_task, load_task_records, read_records
 
 
@@ -44,7 +40,7 @@ class EvalConfig:
     data_path: str | None = None
     generations: str | None = None  # scoring-only mode: a file of existing generations
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
-    adapter: str | None = None  # a PEFT-format adapter directory
+    adapter: str | None = None  # an adapter directory, any format fa.save_adapter writes
     dtype: str = "float32"
     template: str = "alpaca"
     limit: int | None = None
@@ -130,94 +126,9 @@ def score_generations_file(task: Task, path: str | pathlib.Path,
 
 # ----------------------------------------------------------------------------- generation
 
-@dataclasses.dataclass
-class Generator:
-    """A model ready to answer prompts: `generate(prompt_ids, max_new_tokens)`.
-
-    Holds the Flax module, its parameter tree (base or base + adapter) and the
-    tokenizer; `num_beams` 1 decodes greedily, more runs beam search.
-    """
-
-    model: Any
-    params: Any
-    tokenizer: Any
-    num_beams: int = 1
-    batch_size: int = 16
-
-    @property
-    def eos_ids(self) -> tuple[int, ...]:
-        eos = self.model.cfg.eos_token_id
-        ids = set(() if eos is None else (eos,) if isinstance(eos, int) else eos)
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return tuple(sorted(ids))
-
-    def generate(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
-                 progress: Callable[[int], Any] | None = None) -> tuple[list[str], list[int]]:
-        """(texts, new-token counts) for tokenized prompts, in their order.
-
-        The count includes the EOS token when one was generated.
-        """
-        from eval.beam import beam_search
-        from flax_adapters.generate import GenerationConfig, generate
-
-        ids = [list(t) for t in prompt_ids]
-        eos = self.eos_ids
-        pad = self.model.cfg.pad_token_id
-        pad = pad if pad is not None else (eos[0] if eos else 0)
-        order = np.argsort([len(t) for t in ids], kind="stable")  # similar lengths share a batch
-        texts: list[str] = [""] * len(ids)
-        counts: list[int] = [0] * len(ids)
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            batch = [ids[r] for r in rows]
-            if self.num_beams == 1:
-                out = generate(self.model, self.params, batch, GenerationConfig(
-                    max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=pad))
-            else:
-                out = beam_search(self.model, self.params, batch, self.num_beams, max_new_tokens,
-                                  eos, pad)
-            for r, toks in zip(rows, out.tolist()):
-                n = next((i + 1 for i, t in enumerate(toks) if t in eos), len(toks))
-                counts[r] = n
-                texts[r] = self.tokenizer.decode(toks[:n], skip_special_tokens=True)
-            if progress is not None:
-                progress(len(rows))
-        return texts, counts
-
-
-def load_generator(model_path: str | None, adapter: str | None, dtype: str = "float32",
-                   num_beams: int = 1, batch_size: int = 16) -> Generator:
-    """The base model (default: embedded SmolLM2-135M-Instruct), plus a PEFT
-    adapter directory when `adapter` is given."""
-    from flax_adapters.checkpoints.load import default_model_path, load_pretrained
-    from flax_adapters.models.registry import model_class
-
-    pre = load_pretrained(model_path or default_model_path(), dtype)
-    params, settings = pre.params, None
-    if adapter:
-        from flax_adapters.adapters.api import settings_for
-        from flax_adapters.adapters.peft_io import import_peft
-        model_type = pre.config.model_type
-        params, adapter_cfg = import_peft(adapter, pre.params, model_type)
-        settings = settings_for(adapter_cfg, model_type)
-    if pre.tokenizer is None:
-        raise ValueError(f"{model_path}: the checkpoint has no tokenizer files; evaluation needs one")
-    module = model_class(pre.config)
-    model = module(pre.config) if settings is None else module(pre.config, settings=settings)
-    return Generator(model, params, pre.tokenizer, num_beams, batch_size)
-
-
-def encode_prompts(records: Sequence[dict], tokenizer: Any, template: str) -> list[list[int]]:
-    """Token ids of each record's prompt, built and tokenized exactly as in
-    training (`train.data.encode_prompt`)."""
-    from train.data import encode_prompt
-    return [encode_prompt({**rec, "instruction": rec.get("instruction", rec.get("question"))},
-                          tokenizer, template) for rec in records]
-
-
 def evaluate_task(generator: Generator, task: Task, records: Sequence[dict], template: str = "alpaca",
-                  max_new_tokens: int | None = None, desc: str | None = None) -> tuple[list[dict], dict]:
+                  max_new_tokens: int | None = None, desc: str | None = None,
+                  show_progress: bool = True) -> tuple[list[dict], dict]:
     """(per-example rows, timing) of `generator` on `records` of `task`.
 
     timing: {"seconds", "examples_per_s", "new_tokens", "new_tokens_per_s"};
@@ -226,7 +137,8 @@ def evaluate_task(generator: Generator, task: Task, records: Sequence[dict], tem
     prompt_ids = encode_prompts(records, generator.tokenizer, template)
     n_new = max_new_tokens or task.max_new_tokens
     start = time.perf_counter()
-    with tqdm(total=len(prompt_ids), desc=desc or task.name, unit="ex") as bar:
+    with tqdm(total=len(prompt_ids), desc=desc or task.name, unit="ex",
+              disable=not show_progress) as bar:
         texts, counts = generator.generate(prompt_ids, n_new, progress=bar.update)
     seconds = time.perf_counter() - start
     rows = [{"index": i, "question": rec.get("instruction", rec.get("question")),

@@ -238,6 +238,16 @@ def generate(model: nn.Module, params: Any, prompt_tokens: Sequence[Sequence[int
     return np.asarray(out_bn)[:len(prompt_tokens)]
 
 
+def eos_ids(model_cfg: Any, tokenizer: Any) -> tuple[int, ...]:
+    """The ids that end a generation: the model config's EOS ids and the
+    tokenizer's (e.g. a chat model's end-of-turn), sorted."""
+    eos = model_cfg.eos_token_id
+    ids = set(() if eos is None else (eos,) if isinstance(eos, int) else eos)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
 def generate_text(model: nn.Module, params: Any, tokenizer: Any, prompts: Sequence[str],
                   gen_cfg: GenerationConfig, chat: bool = False, stop: Sequence[str] = (),
                   key: jax.Array | None = None) -> list[str]:
@@ -256,12 +266,7 @@ def generate_text(model: nn.Module, params: Any, tokenizer: Any, prompts: Sequen
         texts, add_special = list(prompts), True
     ids = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
     if gen_cfg.eos_token_ids is None:
-        # The tokenizer's EOS (e.g. a chat model's end-of-turn) counts as well.
-        eos = model.cfg.eos_token_id
-        eos_ids = set(() if eos is None else (eos,) if isinstance(eos, int) else eos)
-        if tokenizer.eos_token_id is not None:
-            eos_ids.add(tokenizer.eos_token_id)
-        gen_cfg = dataclasses.replace(gen_cfg, eos_token_ids=tuple(sorted(eos_ids)))
+        gen_cfg = dataclasses.replace(gen_cfg, eos_token_ids=eos_ids(model.cfg, tokenizer))
     out_bn = generate(model, params, ids, gen_cfg, key)
     eos_set = set(gen_cfg.eos_token_ids)
     texts_out = []

@@ -140,3 +140,13 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def global_batch(batch: dict, accum: int, batch_sh: NamedSharding) -> dict:
+    """(B, t) host rows -> (accum, B / accum, t) global arrays laid out by
+    `batch_sh` (each process passes the rows its devices hold)."""
+    out = {}
+    for k, v in batch.items():
+        v = v.reshape(accum, v.shape[0] // accum, *v.shape[1:])
+        out[k] = jax.make_array_from_process_local_data(batch_sh, v)
+    return out

@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return _dry_run(cfg, args)
 
-    from train.runtime import keep_freed_memory
-    keep_freed_memory()  # before JAX allocates anything; see train/runtime.py
+    from flax_adapters.runtime import keep_freed_memory
+    keep_freed_memory()  # before JAX allocates anything; see flax_adapters/runtime.py
 
     import jax
 

@@ -28,6 +28,11 @@ from __future__ import annotations
 
 import random
 
+from eval.tasks import Task
+
+# How the held-out problems are scored: a number, as LLM-Adapters scores math.
+TASK = Task("embedded:arith", "math", "number")
+
 # (name, subject pronoun, object pronoun)
 PEOPLE = (
     ("Tom", "he", "him"), ("Anna", "she", "her"), ("Sam", "he", "him"),

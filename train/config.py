@@ -20,7 +20,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from flax_adapters.adapters.api import METHODS, AdapterConfig
+from flax_adapters.adapters import METHODS
 from flax_adapters.quant.params import QuantConfig
 from flax_adapters.sharding import MeshConfig
 
@@ -77,12 +77,13 @@ class AdapterSection:
                          "method lora they are merged into the embedded recipe's "
                          f"{DEFAULT_LORA}", {})
 
-    def build(self) -> AdapterConfig:
+    def build(self) -> Any:
+        """The method's config object (its class in the method registry)."""
         if self.method not in METHODS:
             raise ValueError(f"unknown adapter.method {self.method!r}; choose one of "
                              f"{', '.join(METHODS)}")
         settings = {**DEFAULT_LORA, **self.settings} if self.method == "lora" else self.settings
-        return from_dict(METHODS[self.method], settings, "adapter.settings")
+        return from_dict(METHODS[self.method].config, settings, "adapter.settings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,9 +362,9 @@ def help_text(cls: type = TrainConfig, prefix: str = "") -> str:
 def adapter_help() -> str:
     """The fields of every adapter method's config (adapter.settings.*)."""
     lines = []
-    for name, cls in METHODS.items():
+    for name, method in METHODS.items():
         fields = ", ".join(
-            f"{f.name}={f.default!r}" for f in dataclasses.fields(cls)
+            f"{f.name}={f.default!r}" for f in dataclasses.fields(method.config)
             if f.default is not dataclasses.MISSING)
         lines.append(f"  {name}: {fields}")
     return "\n".join(lines)

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from eval.prompts import add_special_tokens, prompt_for_eval
 from train import arith
 
 if TYPE_CHECKING:
@@ -71,71 +72,6 @@ EMBEDDED_ARITH = "embedded:arith"
 EMBEDDED_SEED = 0  # fixed, so every run (whatever its seed) is scored on the same test items
 VAL_SPLIT_SEED = 42  # LLM-Adapters' train_test_split seed: same split for every run seed
 GROUP_BY_LENGTH_MEGABATCH = 50  # batches per length-sorted group, as HF's LengthGroupedSampler
-
-# ------------------------------------------------------------------------- templates
-
-# alpaca-lora templates/alpaca.json
-ALPACA_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides "
-    "further context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-
-# LLM-Adapters finetune.py `generate_prompt`, character for character (the 16
-# spaces are its source indentation; note one trailing space after "request."
-# with input and two without). The output follows the last line directly.
-_I = " " * 16
-LLM_ADAPTERS_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides "
-    "further context. Write a response that appropriately completes the request. \n\n"
-    f"{_I}### Instruction:\n{_I}{{instruction}}\n{_I}\n{_I}### Input:\n{_I}{{input}}\n{_I}\n"
-    f"{_I}### Response:\n{_I}")
-LLM_ADAPTERS_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.  \n\n"
-    f"{_I}### Instruction:\n{_I}{{instruction}}\n{_I}\n{_I}### Response:\n{_I}")
-
-_FORMATS = {"alpaca": (ALPACA_INPUT, ALPACA_NO_INPUT),
-            "llm_adapters": (LLM_ADAPTERS_INPUT, LLM_ADAPTERS_NO_INPUT)}
-TEMPLATES = (*_FORMATS, "chat")
-
-
-def prompt_for_eval(record: Record, template: str = "alpaca", tokenizer: Any = None) -> str:
-    """The prompt text without the answer: what a model is asked at evaluation.
-
-    Training text is exactly `prompt_for_eval(record) + record["output"]`."""
-    if template == "chat":
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("template='chat' needs a tokenizer with a chat template; this "
-                             "one has none: use template='alpaca'")
-        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-        return tokenizer.apply_chat_template([{"role": "user", "content": user}],
-                                             tokenize=False, add_generation_prompt=True)
-    if template not in _FORMATS:
-        raise ValueError(f"unknown prompt template {template!r}; choose one of {TEMPLATES}")
-    with_input, without_input = _FORMATS[template]
-    if record.get("input"):  # LLM-Adapters tests truthiness: "" and None mean no input
-        return with_input.format(instruction=record["instruction"], input=record["input"])
-    return without_input.format(instruction=record["instruction"])
-
-
-def generate_prompt(record: Record, template: str = "alpaca", tokenizer: Any = None) -> str:
-    """The full training text: prompt + output (LLM-Adapters' `generate_prompt`)."""
-    return prompt_for_eval(record, template, tokenizer) + record["output"]
-
-
-def add_special_tokens(template: str) -> bool:
-    """Whether the tokenizer adds its own specials (e.g. LLaMA's BOS). A chat
-    template already writes them, so adding them again would double the BOS."""
-    return template != "chat"
-
-
-def encode_prompt(record: Record, tokenizer: Any, template: str = "alpaca") -> list[int]:
-    """Token ids of `prompt_for_eval(record)`, tokenized as in training."""
-    text = prompt_for_eval(record, template, tokenizer)
-    return tokenizer(text, add_special_tokens=add_special_tokens(template))["input_ids"]
 
 # ------------------------------------------------------------------------- tokenize
 
@@ -301,7 +237,7 @@ def bucket_sizes(cutoff_len: int, smallest: int = 32) -> tuple[int, ...]:
 def loss_window(lengths: np.ndarray, prompt_lens: np.ndarray, multiple: int = 8) -> int:
     """An upper bound on the counted (loss) positions of any row, given the
     examples' token and prompt lengths: the train step computes logits only
-    for a window this long (see `train.step.token_loss`). Rounded up to
+    for a window this long (see `flax_adapters.step.token_loss`). Rounded up to
     `multiple` so that near-equal datasets share a compiled step."""
     spans = np.asarray(lengths) - np.maximum(np.asarray(prompt_lens), 1)
     span = int(spans.max()) if spans.size else 1

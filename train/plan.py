@@ -5,12 +5,12 @@ shardings from an abstract mesh, and the model's shape from its config.json
 published configs below), never from its weights.
 
 Memory per device, in this order (what `train.loop.build` and the jitted
-`train.step.train_step` hold):
+`flax_adapters.step.train_step` hold):
 
     frozen base   every base leaf at model.param_dtype, sharded by its logical
                   axes (flax_adapters/sharding.py RULES on the mesh)
     adapter       the trainable leaves, float32, sharded like their kernel
-    optimizer     the optax state of `train.loop._optimizer` (AdamW: two float32
+    optimizer     the optax state of `train.loop.optimizer` (AdamW: two float32
                   moments per trainable leaf, sharded like it; a few scalars)
     gradients     two trainable-sized float32 trees: the accumulator of the
                   micro-batch scan and the gradient of the current micro-batch
@@ -18,7 +18,7 @@ Memory per device, in this order (what `train.loop.build` and the jitted
                   rows per device) at the longest bucket, cutoff_len tokens
 
 Activations. Let R(n) be the bytes of the residuals `jax.vjp` keeps for the
-backward pass of the training loss (train.step.token_loss with dropout on) of
+backward pass of the training loss (flax_adapters.step.token_loss with dropout on) of
 the same model cut to n layers: the outputs of operations it saves, not the
 parameters, inputs or constants. R is counted exactly, by tracing the loss
 with abstract inputs (`residual_bytes`), so it follows the model family, the
@@ -62,13 +62,15 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
-from flax_adapters import sharding
-from flax_adapters.adapters import api, axes, tree
+import flax_adapters as fa
+from flax_adapters import sharding, tree
+from flax_adapters.adapters.axes import adapter_axes
 from flax_adapters.models import abstract_params, config_from_hf, logical_axes, model_class
 from flax_adapters.quant.params import quantize_params
+from flax_adapters.step import optimizer_shardings, token_loss
 from train import data as data_lib
 from train.config import DEFAULT_STEPS, ModelConfig, TrainConfig, resolve_steps
-from train.step import token_loss
+from train.loop import optimizer
 
 GiB = 2 ** 30
 
@@ -180,7 +182,7 @@ def base_shapes(model_cfg: Any) -> tuple[dict, dict]:
     return expand(abstract_params(one)), expand(logical_axes(one))
 
 
-def _cast(shapes: Any, dtype: Any) -> Any:
+def cast_shapes(shapes: Any, dtype: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), shapes)
 
 
@@ -199,19 +201,19 @@ def residual_bytes(model_cfg: Any, adapter_cfg: Any, *, batch: int, seq_len: int
     gradient is taken with respect to the trainable leaves, as the train
     step takes it; saved parameters, inputs and constants are not counted."""
     model_type = model_cfg.model_type
-    base = _cast(base_shapes(model_cfg)[0], _dtype(param_dtype))
+    base = cast_shapes(base_shapes(model_cfg)[0], _dtype(param_dtype))
     targeting_log = logging.getLogger("flax_adapters.adapters.targeting")
     level = targeting_log.level
     targeting_log.setLevel(logging.WARNING)  # the cut models' sites are not the run's
     try:
         full = jax.eval_shape(
-            lambda b: api.inject(b, adapter_cfg, jax.random.key(0), model_type), base)
+            lambda b: fa.inject(b, adapter_cfg, jax.random.key(0), model_type), base)
     finally:
         targeting_log.setLevel(level)
-    frozen, trainable = tree.split(full)
-    trainable = _cast(trainable, jnp.float32)
+    frozen, trainable = fa.split(full, adapter_cfg, model_type)
+    trainable = cast_shapes(trainable, jnp.float32)
     model = model_class(model_cfg)(model_cfg, dtype=_dtype(compute_dtype),
-                                   settings=api.settings_for(adapter_cfg, model_type),
+                                   settings=fa.settings_for(adapter_cfg, model_type),
                                    remat=remat)
     rows = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
     mask = jax.ShapeDtypeStruct((batch, seq_len), jnp.bool_)
@@ -352,12 +354,12 @@ def abstract_split(base: dict, base_axes: dict, adapter_cfg: Any, model_type: st
     """`base` (shapes) with the adapter injected and split as `train.loop.build`
     splits it, the trainable leaves in float32 as the run keeps them, with
     their logical axes and shardings on `mesh`. Nothing is allocated."""
-    full = jax.eval_shape(lambda b: api.inject(b, adapter_cfg, jax.random.key(0), model_type),
+    full = jax.eval_shape(lambda b: fa.inject(b, adapter_cfg, jax.random.key(0), model_type),
                           base)
-    is_trainable = api.trainable(adapter_cfg, model_type)
+    is_trainable = fa.trainable(adapter_cfg, model_type)
     frozen, trainable = tree.split(full, is_trainable)
-    trainable = _cast(trainable, jnp.float32)
-    frozen_names, trainable_names = tree.split(axes.adapter_axes(full, base_axes), is_trainable)
+    trainable = cast_shapes(trainable, jnp.float32)
+    frozen_names, trainable_names = tree.split(adapter_axes(full, base_axes), is_trainable)
     return AbstractSplit(frozen, trainable, frozen_names, trainable_names,
                          sharding.tree_shardings(frozen_names, frozen, mesh),
                          sharding.tree_shardings(trainable_names, trainable, mesh))
@@ -367,8 +369,6 @@ def make_plan(cfg: TrainConfig, *, num_devices: int, device_kind: str | None = N
               device_memory_gb: float | None = None) -> Plan:
     """The plan of `cfg` on `num_devices` devices. Device memory: `device_memory_gb`
     (GiB), else the known memory of `device_kind`, else unknown."""
-    from train.loop import _opt_shardings, _optimizer  # the run's own optimizer and its layout
-
     hf, source = hf_config(cfg.model)
     model_cfg = config_from_hf(hf)
     model_type = model_cfg.model_type
@@ -381,7 +381,7 @@ def make_plan(cfg: TrainConfig, *, num_devices: int, device_kind: str | None = N
                          "mesh.*")
 
     base, base_axes = base_shapes(model_cfg)
-    base = _cast(base, _dtype(cfg.model.param_dtype))
+    base = cast_shapes(base, _dtype(cfg.model.param_dtype))
     # As the run loads it: quantized (codes, block scales: exact bytes), the
     # adapter's modules_to_save kept in float.
     quant_cfg = cfg.model.quant_config(getattr(adapter_cfg, "modules_to_save", ()))
@@ -392,9 +392,9 @@ def make_plan(cfg: TrainConfig, *, num_devices: int, device_kind: str | None = N
         base, base_axes, adapter_cfg, model_type, mesh)
 
     steps, steps_text = _steps(cfg)
-    optimizer = _optimizer(dataclasses.replace(cfg, steps=steps))
-    opt_state = jax.eval_shape(optimizer.init, trainable)
-    opt_sh = _opt_shardings(optimizer, trainable, trainable_sh, mesh)
+    opt = optimizer(dataclasses.replace(cfg, steps=steps))
+    opt_state = jax.eval_shape(opt.init, trainable)
+    opt_sh = optimizer_shardings(opt, trainable, trainable_sh, mesh)
 
     micro = cfg.micro_batch_size // batch_shards
     adapter = _per_device_bytes(trainable, trainable_sh)

@@ -9,23 +9,17 @@ from typing import Any
 
 import jax
 
+import flax_adapters as fa
 from flax_adapters.checkpoints.atomic import write_text_atomically
 
 
-def export_adapter(tree: dict, adapter_cfg: Any, out_dir: pathlib.Path, base: str,
-                   model_type: str, setup: Any = None) -> pathlib.Path:
-    """PEFT format (LoRA, DoRA, IA3, prompt, prefix) or LLM-Adapters' BOTTLENECK
-    schema; full fine-tuning writes a Hugging Face model directory (with the
-    base's config.json and tokenizer from `setup`). Written beside and
-    renamed into place by the exporters."""
-    from flax_adapters.adapters import bottleneck, full, peft_io
-    from flax_adapters.checkpoints.hf import save_hf_dir
-
-    if isinstance(adapter_cfg, full.FullConfig):
-        return save_hf_dir(tree, setup.hf_config, out_dir, setup.tokenizer)
-    if isinstance(adapter_cfg, bottleneck.BottleneckConfig):
-        return bottleneck.export_bottleneck(tree, adapter_cfg, out_dir, base, model_type)
-    return peft_io.export_peft(tree, adapter_cfg, out_dir, base, model_type)
+def export_adapter(tree: dict, setup: Any, out_dir: pathlib.Path, base: str) -> pathlib.Path:
+    """The adapter in its method's format (fa.save_adapter: PEFT, LLM-Adapters'
+    BOTTLENECK, or for full fine-tuning a Hugging Face model directory with the
+    base's config.json and tokenizer), written beside and renamed into place."""
+    return fa.save_adapter(tree, setup.adapter_cfg, out_dir, setup.model_type,
+                           base_model_name_or_path=base, hf_config=setup.hf_config,
+                           tokenizer=setup.tokenizer)
 
 
 def plot_losses(metrics_path: pathlib.Path, png: pathlib.Path) -> None:
@@ -81,9 +75,8 @@ def write_report(out: pathlib.Path, cfg: Any, setup: Any, final_tree: dict,
     if jax.process_index() != 0:
         return summary
     base = cfg.model.path
-    name = "model" if cfg.adapter.method == "full" else "adapter"
-    adapter_dir = export_adapter(final_tree, setup.adapter_cfg, out / name, base,
-                                 setup.model_type, setup)
+    name = "model" if fa.METHODS[cfg.adapter.method].trains_base else "adapter"
+    adapter_dir = export_adapter(final_tree, setup, out / name, base)
     summary["adapter_dir"] = str(adapter_dir)
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     lines = ["| | held-out accuracy | n |", "|---|---|---|"]

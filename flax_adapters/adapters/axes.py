@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from flax_adapters.adapters.tree import BASE_LEAVES
+from flax_adapters.adapters.registry import is_adapter_path
 from flax_adapters.quant import array as qarray
 
 Axes = tuple  # logical axis names, one per dimension (None: replicated)
@@ -50,18 +50,19 @@ def adapter_axes(tree: dict, base_axes: dict) -> dict:
     a top-level 'params' is looked through), adapter leaves by `RULES`."""
     if "params" in base_axes and "params" not in tree:
         base_axes = base_axes["params"]
-    return _walk(tree, base_axes, "")
+    return _walk(tree, base_axes, ())
 
 
-def _walk(tree: dict, base_axes: dict, where: str) -> dict:
+def _walk(tree: dict, base_axes: dict, where: tuple[str, ...]) -> dict:
     out = {}
     for name, value in tree.items():
+        path = where + (name,)
         if isinstance(value, dict):
-            out[name] = _walk(value, base_axes.get(name, {}), f"{where}{name}/")
-        elif name in BASE_LEAVES:
+            out[name] = _walk(value, base_axes.get(name, {}), path)
+        elif not is_adapter_path(path):
             if name not in base_axes:
-                raise KeyError(f"{where}{name}: no axes in base_axes; pass the axes of the same "
-                               "model's base tree")
+                raise KeyError(f"{'/'.join(path)}: no axes in base_axes; pass the axes of the "
+                               "same model's base tree")
             out[name] = qarray.axes(value, tuple(base_axes[name]))
         elif name in RULES and "kernel" in base_axes:
             out[name] = RULES[name](tuple(np.shape(value)), tuple(base_axes["kernel"]))

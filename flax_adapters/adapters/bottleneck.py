@@ -12,9 +12,10 @@ placed at a targeted linear site y = x @ W (+ b) in one of three ways:
 
 AdapterH (Houlsby, the "series" adapter) = input/output placement on gate,
 up and down; AdapterP (Pfeiffer) = output placement after down_proj only;
-the parallel adapter sits beside q, k and v (LLM-Adapters' target presets).
-Series placement follows the module's name, as LLM-Adapters'
-TRANSFORMERS_MODELS_TO_ADAPTER_TYPE_MAPPING does.
+the parallel adapter sits beside q, k and v (LLM-Adapters' target presets,
+stated per family in models/). Series placement follows the module's name,
+as LLM-Adapters' TRANSFORMERS_MODELS_TO_ADAPTER_TYPE_MAPPING does
+(`Presets.series_placement`).
 
 At each targeted site (kernel W of shape (in, out)):
 
@@ -31,54 +32,24 @@ N(0, 0.02), so a fresh adapter is NOT an identity; "mam_adapter" draws
 `adapter_down` kaiming-uniform (a=sqrt(5)) and zeroes `adapter_up`, so a
 fresh adapter leaves the model unchanged.
 
-Export/import use LLM-Adapters' BOTTLENECK schema: its `adapter_config.json`
-fields, and its state-dict key names
-(`base_model.model.model.layers.N.mlp.down_proj.adapter_down.weight`), but
-in `adapter_model.safetensors`, never a pickle.
+On disk: LLM-Adapters' BOTTLENECK schema (its `adapter_config.json` fields
+and state-dict key names, `base_model.model.model.layers.N.mlp.down_proj.
+adapter_down.weight`), written as safetensors, never a pickle.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
-import os
-import pathlib
-import re
-from typing import Callable, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from flax_adapters.activations import ACTIVATIONS
 from flax_adapters.adapters import targeting
-from flax_adapters.adapters.tree import get, with_site
-
-# transformers' ACT2FN names, as LLM-Adapters looks them up ("gelu" is the exact erf form).
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "tanh": jnp.tanh,
-    "relu": jax.nn.relu,
-    "sigmoid": jax.nn.sigmoid,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),  # GPT-NeoX-20B's; same formula
-}
-
-# LLM-Adapters' TRANSFORMERS_MODELS_TO_ADAPTER_TYPE_MAPPING for the families we model:
-# where a series adapter sits, by the targeted module's name.
-# GPT-NeoX (not in LLM-Adapters) follows BLOOM: the same MLP names.
-SERIES_PLACEMENT: dict[str, dict[str, str]] = {
-    "llama": {"gate_proj": "input", "up_proj": "input", "down_proj": "output"},
-    "bloom": {"dense_h_to_4h": "input", "dense_4h_to_h": "output"},
-    "gptj": {"fc_in": "input", "fc_out": "output"},
-    "opt": {"fc1": "input", "fc2": "output"},
-    "gpt_neox": {"dense_h_to_4h": "input", "dense_4h_to_h": "output"},
-}
-SERIES_PLACEMENT["mistral"] = SERIES_PLACEMENT["qwen2"] = SERIES_PLACEMENT["llama"]
+from flax_adapters.adapters.registry import Method, Schema, register
+from flax_adapters.tree import get, sites_with, with_site
 
 LEAVES = ("adapter_down", "adapter_up", "adapter_scaling")
 
@@ -116,34 +87,30 @@ class BottleneckConfig:
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
     @property
-    def method(self) -> str:
-        """The preset name in `targeting.PRESETS`."""
+    def preset(self) -> str:
+        """The name of this variant's target preset (`Presets.targets`)."""
         if self.use_parallel_adapter:
             return "parallel"
         return "adapterp" if self.use_adapterp else "bottleneck"
 
 
-def targets(base: dict, cfg: BottleneckConfig, model_type: str = "llama") -> list[str]:
-    return targeting.resolve(base, cfg.target_modules or targeting.preset(model_type, cfg.method))
-
-
-def placement(site: str, cfg: BottleneckConfig, model_type: str = "llama") -> str:
+def placement(site: str, cfg: BottleneckConfig, presets: targeting.Presets) -> str:
     """'input', 'output' or 'parallel' for the site `a/b/module`."""
     if cfg.use_parallel_adapter:
         return "parallel"
     name = site.rsplit("/", 1)[-1]
-    table = SERIES_PLACEMENT.get(model_type, {})
-    if name not in table:
-        raise ValueError(f"a series bottleneck adapter cannot go on {site!r}: on {model_type} "
-                         f"LLM-Adapters places series adapters only on {sorted(table)}; use "
-                         "use_parallel_adapter=True to put adapters beside other modules")
-    return table[name]
+    if name not in presets.series_placement:
+        raise ValueError(f"a series bottleneck adapter cannot go on {site!r}: on this model "
+                         f"family LLM-Adapters places series adapters only on "
+                         f"{sorted(presets.series_placement)}; use use_parallel_adapter=True "
+                         "to put adapters beside other modules")
+    return presets.series_placement[name]
 
 
-def settings_kwargs(cfg: BottleneckConfig, model_type: str = "llama") -> dict:
-    """The `sites.Settings` fields for `cfg` (see `api.settings_for`)."""
+def settings(cfg: BottleneckConfig, presets: targeting.Presets) -> dict:
+    """The `sites.Settings` fields for `cfg`."""
     return dict(
-        bottleneck_series=tuple(sorted(SERIES_PLACEMENT.get(model_type, {}).items())),
+        bottleneck_series=tuple(sorted(presets.series_placement.items())),
         bottleneck_parallel=cfg.use_parallel_adapter,
         bottleneck_act=cfg.non_linearity,
         bottleneck_dropout=cfg.adapter_dropout,
@@ -157,14 +124,15 @@ def apply(x: jax.Array, down: jax.Array, up: jax.Array, scaling, act: str) -> ja
     return (h @ up.astype(x.dtype)) * jnp.asarray(scaling, x.dtype)
 
 
-def init(base: dict, cfg: BottleneckConfig, key: jax.Array, model_type: str = "llama") -> dict:
+def init(base: dict, cfg: BottleneckConfig, key: jax.Array, ctx: targeting.Context) -> dict:
     """A new tree with float32 adapter leaves at every targeted site."""
     tree = base
     bn = cfg.bottleneck_size
-    for i, site in enumerate(targets(base, cfg, model_type)):
+    spec = cfg.target_modules or ctx.presets.target(cfg.preset)
+    for i, site in enumerate(targeting.resolve(base, spec)):
         d_in, d_out = get(base, site)["kernel"].shape
         a, a2 = {"input": (d_in, d_in), "output": (d_out, d_out),
-                 "parallel": (d_in, d_out)}[placement(site, cfg, model_type)]
+                 "parallel": (d_in, d_out)}[placement(site, cfg, ctx.presets)]
         k_down, k_up = jax.random.split(jax.random.fold_in(key, i))
         if cfg.init == "bert":
             down = 0.02 * jax.random.normal(k_down, (a, bn), jnp.float32)
@@ -180,91 +148,29 @@ def init(base: dict, cfg: BottleneckConfig, key: jax.Array, model_type: str = "l
     return tree
 
 
-def adapter_sites(tree: dict, prefix: str = ""):
-    """The paths of the modules that hold bottleneck leaves, in tree order."""
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            if "adapter_down" in v:
-                yield prefix + k
-            else:
-                yield from adapter_sites(v, prefix + k + "/")
+# ----------------------------------------------------------------------------- LLM-Adapters schema
 
-
-# ----------------------------------------------------------------------------- LLM-Adapters I/O
-
-CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
-_KEY = re.compile(r"base_model\.model\.(.+)\.(adapter_down\.weight|adapter_up\.weight|"
-                  r"adapter_scaling)")
-
-
-def _torch_key(site: str, leaf: str, model_type: str) -> str:
-    """'layers_3/mlp/down_proj', 'adapter_down' -> LLM-Adapters' state-dict key
-    'base_model.model.model.layers.3.mlp.down_proj.adapter_down.weight' (the
-    family's Hugging Face module name)."""
-    from flax_adapters.adapters.peft_io import module_name  # imports the checkpoints
-
-    name = leaf if leaf == "adapter_scaling" else f"{leaf}.weight"
-    return f"base_model.model.{module_name(site, model_type)}.{name}"
-
-
-def _config_json(cfg: BottleneckConfig, targets_: list[str], base_model: str | None) -> dict:
-    """LLM-Adapters' BottleneckConfig as its save_pretrained writes it."""
+def to_json(cfg: BottleneckConfig, adapter: dict, peft_targets) -> dict:
+    """LLM-Adapters' BottleneckConfig fields as its save_pretrained writes
+    them; the targets are the adapted modules' names (its suffix rule)."""
+    del peft_targets
+    names = sorted({s.rsplit("/", 1)[-1] for s in sites_with(adapter, "adapter_down")})
     return {
         "adapter_dropout": cfg.adapter_dropout,
-        "base_model_name_or_path": base_model,
         "bias": "none",
         "bottleneck_size": cfg.bottleneck_size,
-        "inference_mode": True,
         "init_weights": cfg.init,
-        "modules_to_save": None,
         "non_linearity": cfg.non_linearity,
-        "peft_type": "BOTTLENECK",
         # LLM-Adapters tests `isinstance(scaling, float)`: always write a float.
         "scaling": cfg.scaling if cfg.scaling == "learned" else float(cfg.scaling),
-        "target_modules": targets_,
-        "task_type": "CAUSAL_LM",
+        "target_modules": names,
         "use_adapterp": cfg.use_adapterp,
         "use_parallel_adapter": cfg.use_parallel_adapter,
     }
 
 
-def export_bottleneck(tree: dict, cfg: BottleneckConfig, out_dir: str | os.PathLike,
-                      base_model: str | None = None, model_type: str = "llama") -> pathlib.Path:
-    """Writes `out_dir/{adapter_config.json, adapter_model.safetensors}` in
-    LLM-Adapters' BOTTLENECK schema (PyTorch layouts, float32); returns its path."""
-    # Imported here: the checkpoints package imports the models, which import the sites,
-    # which import this module.
-    from flax_adapters.checkpoints.atomic import write_dir_atomically
-    from flax_adapters.checkpoints.safetensors_io import save_file
-
-    sites_ = list(adapter_sites(tree))
-    if not sites_:
-        raise ValueError("the tree holds no bottleneck adapter (no 'adapter_down' leaf); "
-                         "inject one with bottleneck.init first")
-    tensors = {}
-    for site in sites_:
-        module = get(tree, site)
-        for leaf in LEAVES:
-            if leaf in module:
-                value = np.asarray(jax.device_get(module[leaf]), np.float32)
-                tensors[_torch_key(site, leaf, model_type)] = (
-                    value if leaf == "adapter_scaling" else value.T)
-    names = sorted({s.rsplit("/", 1)[-1] for s in sites_})
-    config = _config_json(cfg, names, base_model)
-    return write_dir_atomically(out_dir, {
-        CONFIG_NAME: lambda p: pathlib.Path(p).write_text(json.dumps(config, indent=2,
-                                                                     sort_keys=True)),
-        WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
-    })
-
-
-def config_from_json(config: dict) -> BottleneckConfig:
-    if config.get("peft_type") != "BOTTLENECK":
-        raise ValueError(f"adapter_config.json has peft_type {config.get('peft_type')!r}, "
-                         "expected 'BOTTLENECK' (LLM-Adapters' bottleneck adapters)")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"bias={config['bias']!r} adapters train base biases; only "
-                         "bias='none' is supported")
+def from_json(config: dict, found: dict, base: dict) -> BottleneckConfig:
+    del found, base
     target = config.get("target_modules")
     return BottleneckConfig(
         bottleneck_size=int(config["bottleneck_size"]),
@@ -278,53 +184,12 @@ def config_from_json(config: dict) -> BottleneckConfig:
     )
 
 
-def import_bottleneck(directory: str | os.PathLike, base: dict,
-                      model_type: str = "llama") -> tuple[dict, BottleneckConfig]:
-    """(tree, cfg): `base` with the adapter of an LLM-Adapters BOTTLENECK
-    directory. Every tensor must fit a site of `base` with the shape the
-    config implies; pickled `adapter_model.bin` files are refused."""
-    from flax_adapters.adapters.peft_io import site_name
-    from flax_adapters.checkpoints.safetensors_io import iter_tensors
-
-    directory = pathlib.Path(directory)
-    weights = directory / WEIGHTS_NAME
-    if not weights.exists():
-        if (directory / "adapter_model.bin").exists():
-            raise ValueError(f"{directory} holds only a pickled adapter_model.bin; loading it "
-                             "could run arbitrary code, so it is refused. Convert it once in "
-                             "PyTorch: safetensors.torch.save_file(torch.load(p), "
-                             f"'{WEIGHTS_NAME}')")
-        raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME}")
-    cfg = config_from_json(json.loads((directory / CONFIG_NAME).read_text()))
-    tree = base
-    for name, arr in iter_tensors(weights):
-        m = _KEY.fullmatch(name)
-        if m is None:
-            raise ValueError(f"{weights}: unexpected tensor {name!r}; bottleneck keys look like "
-                             "'base_model.model.model.layers.0.mlp.down_proj.adapter_down.weight'")
-        module, kind = m.groups()
-        site = site_name(module, model_type) or module  # an unknown module: not in `base`
-        try:
-            d_in, d_out = get(base, site)["kernel"].shape
-        except KeyError:
-            raise ValueError(f"{weights}: tensor {name!r} names {site!r}, which is not a linear "
-                             "site of this base model") from None
-        a, a2 = {"input": (d_in, d_in), "output": (d_out, d_out),
-                 "parallel": (d_in, d_out)}[placement(site, cfg, model_type)]
-        leaf = kind.split(".")[0]
-        expect = {"adapter_down": (cfg.bottleneck_size, a), "adapter_up": (a2, cfg.bottleneck_size),
-                  "adapter_scaling": (1,)}[leaf]
-        if tuple(arr.shape) != expect:
-            raise ValueError(f"{weights}: tensor {name!r} has shape {tuple(arr.shape)}, expected "
-                             f"{expect} for this base model and bottleneck_size")
-        value = np.asarray(arr, np.float32)
-        value = jnp.asarray(value if leaf == "adapter_scaling" else value.T)
-        tree = with_site(tree, site, lambda mod, leaf=leaf, value=value: {**mod, leaf: value})
-    missing = [s for s in adapter_sites(tree)
-               if not {"adapter_down", "adapter_up"} <= set(get(tree, s))]
-    if missing:
-        raise ValueError(f"{weights}: sites {missing[:3]} have only one of adapter_down/up")
-    if cfg.scaling == "learned" and any("adapter_scaling" not in get(tree, s)
-                                        for s in adapter_sites(tree)):
-        raise ValueError(f"{weights}: scaling='learned' but some sites lack adapter_scaling")
-    return tree, cfg
+register(Method(
+    name="bottleneck", config=BottleneckConfig, leaves=frozenset(LEAVES), init=init,
+    settings=settings,
+    schema=Schema(peft_type="BOTTLENECK", loader="LLM-Adapters", to_json=to_json,
+                  from_json=from_json,
+                  site_tensors={"adapter_down": "adapter_down.weight",
+                                "adapter_up": "adapter_up.weight",
+                                "adapter_scaling": "adapter_scaling"}),
+))

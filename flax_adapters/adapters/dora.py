@@ -1,6 +1,8 @@
 """DoRA, weight-decomposed low-rank adaptation (Liu et al. 2024,
 arXiv:2402.09353), exactly as PEFT 0.21 computes it (`LoraConfig(use_dora=True)`;
 peft/tuners/lora/dora.py `DoraLinearLayer` and variants.py `DoraLinearVariant`).
+It is a variant of LoRA (lora.py registers both, as PEFT's one config does);
+this file holds the maths that differs.
 
 At each targeted linear site (kernel W of shape (in, out)) LoRA's leaves plus
 a magnitude per output column:
@@ -35,10 +37,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flax_adapters.adapters import lora
-from flax_adapters.adapters.lora import LoraConfig
-from flax_adapters.adapters.tree import combine, get, split, with_site
 from flax_adapters.quant import array as qarray
+from flax_adapters.tree import combine, get, nest, sites_with, with_site
 
 
 def column_norm(w_io: jax.Array, a_ir: jax.Array, b_ro: jax.Array, scale: float) -> jax.Array:
@@ -52,62 +52,55 @@ def column_norm(w_io: jax.Array, a_ir: jax.Array, b_ro: jax.Array, scale: float)
     return jnp.sqrt(jnp.maximum(ww_o + 2 * scale * wab_o + scale**2 * bab_o, 0.0))
 
 
-def init(base: dict, cfg: LoraConfig, key: jax.Array, model_type: str = "llama") -> dict:
-    """LoRA's init plus `lora_magnitude` = the column norms of W + s A B."""
-    tree = lora.init(base, cfg, key, model_type)
-    for site in list(lora._sites(tree)):
+def add_magnitudes(tree: dict, scale: float) -> dict:
+    """`lora_magnitude` = the column norms of W + s A B beside every LoRA."""
+    for site in sites_with(tree, "lora_a"):
         tree = with_site(tree, site, lambda m: {**m, "lora_magnitude": column_norm(
-            m["kernel"], m["lora_a"], m["lora_b"], cfg.scale)})
+            m["kernel"], m["lora_a"], m["lora_b"], scale)})
     return tree
 
 
-def weight_norms(tree: dict, cfg: LoraConfig) -> dict:
+def weight_norms(tree: dict, scale: float) -> dict:
     """The norms n that `merge` divides by, for `unmerge`:
     {'layers_0': {'self_attn': {'q_proj': {'weight_norm': n (out,)}}}, ...}."""
     out: dict = {}
-    for site in lora._sites(tree):
+    for site in sites_with(tree, "lora_a"):
         m = get(tree, site)
-        n = column_norm(m["kernel"], m["lora_a"], m["lora_b"], cfg.scale)
-        out = combine(out, _nest(site, {"weight_norm": n}))
+        out = combine(out, nest(site, {"weight_norm": column_norm(
+            m["kernel"], m["lora_a"], m["lora_b"], scale)}))
     return out
 
 
-def _nest(site: str, leaves: dict) -> dict:
-    for k in reversed(site.split("/")):
-        leaves = {k: leaves}
-    return leaves
-
-
-def merge(tree: dict, cfg: LoraConfig) -> dict:
+def merge(tree: dict, scale: float) -> dict:
     """W' = (m / n) * (W + s A B) per output column; a plain base tree."""
     def fold(mod):
         w = mod["kernel"]
-        v = w.astype(jnp.float32) + cfg.scale * (mod["lora_a"] @ mod["lora_b"])
+        v = w.astype(jnp.float32) + scale * (mod["lora_a"] @ mod["lora_b"])
         n = jnp.linalg.norm(v, axis=0)
         rest = {k: x for k, x in mod.items() if k not in ("lora_a", "lora_b", "lora_magnitude")}
         return {**rest, "kernel": (v * (mod["lora_magnitude"] / n)).astype(w.dtype)}
-    for site in list(lora._sites(tree)):
+    for site in sites_with(tree, "lora_a"):
         tree = with_site(tree, site, fold)
     return tree
 
 
-def unmerge(merged: dict, adapter: dict, cfg: LoraConfig, norms: dict | None) -> dict:
-    """Inverse of `merge`: W = W' n / m - s A B, the adapter leaves put back.
+def unmerge(merged: dict, adapter: dict, scale: float, norms: dict | None) -> dict:
+    """Inverse of `merge`: W = W' n / m - s A B, the adapter leaves put back
+    (`adapter`: the adapter's leaves only).
 
-        norms = weight_norms(tree, cfg)        # before merging
-        unmerge(merge(tree, cfg), split(tree).trainable, cfg, norms) == tree  (to rounding)
+        norms = weight_norms(tree, scale)        # before merging
+        unmerge(merge(tree, scale), trainable, scale, norms) == tree  (to rounding)
     """
     if norms is None:
         raise ValueError("unmerging DoRA needs the column norms from before the merge (the "
                          "merged weight no longer determines them): pass "
-                         "dora_norms=dora.weight_norms(tree, cfg), computed before merge")
-    adapter = split(adapter).trainable
+                         "dora_norms=fa.api.dora_norms(tree, cfg), computed before the merge")
 
     def unfold(mod, x, n):
         w = mod["kernel"]
         v = w.astype(jnp.float32) * (n / x["lora_magnitude"])
-        return {**mod, "kernel": (v - cfg.scale * (x["lora_a"] @ x["lora_b"])).astype(w.dtype)}
-    for site in list(lora._sites(adapter)):
+        return {**mod, "kernel": (v - scale * (x["lora_a"] @ x["lora_b"])).astype(w.dtype)}
+    for site in sites_with(adapter, "lora_a"):
         n = get(norms, site)["weight_norm"]
         merged = with_site(merged, site, lambda mod, x=get(adapter, site), n=n: unfold(mod, x, n))
     return combine(merged, adapter)

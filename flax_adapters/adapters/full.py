@@ -5,7 +5,7 @@ step as every adapter, so the comparison changes one config field
 (`adapter.method=full`).
 
     before: base tree            after: the same tree (nothing is added)
-    split(tree, api.trainable(FullConfig())) -> (frozen={}, trainable=tree)
+    api.split(tree, FullConfig(), model_type) -> (frozen={}, trainable=tree)
 
 The trained tree is the model itself, so `merge` returns it unchanged and
 the export is a Hugging Face model directory (checkpoints/hf.py), not an
@@ -19,7 +19,9 @@ import dataclasses
 
 import jax
 
-from flax_adapters.quant.params import quantized_leaves
+from flax_adapters.adapters.registry import Method, register
+from flax_adapters.adapters.targeting import Context
+from flax_adapters.quant.array import quantized_leaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,10 +29,9 @@ class FullConfig:
     """No hyperparameters: the optimiser's settings are the whole method."""
 
 
-def init(base: dict, cfg: FullConfig, key: jax.Array | None = None,
-         model_type: str = "llama") -> dict:
+def init(base: dict, cfg: FullConfig, key: jax.Array, ctx: Context) -> dict:
     """The base tree itself (checked to be trainable); `key` is unused."""
-    del cfg, key, model_type
+    del cfg, key, ctx
     quantized = quantized_leaves(base)
     if quantized:
         raise ValueError(f"full fine-tuning trains every weight, but {len(quantized)} are "
@@ -39,11 +40,5 @@ def init(base: dict, cfg: FullConfig, key: jax.Array | None = None,
     return base
 
 
-def trainable(path: tuple[str, ...]) -> bool:
-    """`split`'s predicate: every leaf."""
-    return True
-
-
-def merge(tree: dict, cfg: FullConfig) -> dict:
-    """The trained tree is already a plain base tree."""
-    return tree
+register(Method(name="full", config=FullConfig, leaves=frozenset(), init=init,
+                merge=lambda tree, cfg: tree, trains_base=True))

@@ -27,14 +27,15 @@ import jax
 import jax.numpy as jnp
 
 from flax_adapters.adapters import targeting
-from flax_adapters.adapters.tree import combine, get, split, with_site
+from flax_adapters.adapters.registry import Method, Schema, register
+from flax_adapters.tree import combine, get, sites_with, with_site
 
 
 @dataclasses.dataclass(frozen=True)
 class IA3Config:
     target_modules: targeting.TargetSpec | None = None  # None: the family's preset
     feedforward_modules: targeting.TargetSpec | None = None  # None: the family's preset
-    modules_to_save: tuple[str, ...] = ()  # base modules trained too (saved.py), as PEFT
+    modules_to_save: tuple[str, ...] = ()  # base modules trained too (api.py), as PEFT
 
     def __post_init__(self):
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
@@ -54,35 +55,22 @@ def is_feedforward(site: str, spec: targeting.TargetSpec) -> bool:
     feedforward spec: a regex (full match) or a list of name suffixes."""
     if isinstance(spec, str):
         return re.fullmatch(spec, site) is not None
-    return any(site == x or site.endswith("/" + x) for x in spec)
+    return targeting.matches(site, spec)
 
 
-def targets(base: dict, cfg: IA3Config, model_type: str = "llama") -> list[str]:
-    return targeting.resolve(base, cfg.target_modules or targeting.preset(model_type, "ia3"))
-
-
-def init(base: dict, cfg: IA3Config, key: jax.Array | None = None,
-         model_type: str = "llama") -> dict:
+def init(base: dict, cfg: IA3Config, key: jax.Array, ctx: targeting.Context) -> dict:
     """A new tree with a float32 `ia3` of ones at every targeted site
     ((in, 1) at feedforward sites, (1, out) elsewhere). `key` is unused."""
+    del key
     ff = cfg.feedforward_modules
     if ff is None:
-        ff = targeting.preset(model_type, "ia3_feedforward")
+        ff = ctx.presets.target("ia3_feedforward")
     tree = base
-    for site in targets(base, cfg, model_type):
+    for site in targeting.resolve(base, cfg.target_modules or ctx.presets.target("ia3")):
         d_in, d_out = get(base, site)["kernel"].shape
         shape = (d_in, 1) if is_feedforward(site, ff) else (1, d_out)
         tree = with_site(tree, site, lambda m, s=shape: {**m, "ia3": jnp.ones(s, jnp.float32)})
     return tree
-
-
-def _sites(tree: dict, prefix: str = ""):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            if "ia3" in v:
-                yield prefix + k
-            else:
-                yield from _sites(v, prefix + k + "/")
 
 
 def _scale(mod: dict, l: jax.Array, inverse: bool) -> dict:
@@ -99,15 +87,48 @@ def merge(tree: dict, cfg: IA3Config) -> dict:
     def fold(mod):
         rest = {k: v for k, v in mod.items() if k != "ia3"}
         return _scale(rest, mod["ia3"], inverse=False)
-    for site in list(_sites(tree)):
+    for site in sites_with(tree, "ia3"):
         tree = with_site(tree, site, fold)
     return tree
 
 
 def unmerge(merged: dict, adapter: dict, cfg: IA3Config) -> dict:
     """Inverse of `merge` (W' / l), the adapter leaves put back."""
-    adapter = split(adapter).trainable
-    for site in list(_sites(adapter)):
-        l = get(adapter, site)["ia3"]
-        merged = with_site(merged, site, lambda mod, l=l: _scale(mod, l, inverse=True))
+    for site in sites_with(adapter, "ia3"):
+        merged = with_site(merged, site, lambda mod, l=get(adapter, site)["ia3"]:
+                           _scale(mod, l, inverse=True))
     return combine(merged, adapter)
+
+
+# ----------------------------------------------------------------------------- PEFT schema
+
+def to_json(cfg: IA3Config, adapter: dict, peft_targets) -> dict:
+    chosen = sites_with(adapter, "ia3")
+    feedforward = [s for s in chosen if get(adapter, s)["ia3"].shape[1] == 1]
+    return {"target_modules": peft_targets(cfg.target_modules, chosen),
+            "feedforward_modules": (peft_targets(cfg.feedforward_modules, feedforward)
+                                    if feedforward else []),
+            "fan_in_fan_out": False, "init_ia3_weights": True}
+
+
+def from_json(config: dict, found: dict, base: dict) -> IA3Config:
+    if config.get("fan_in_fan_out"):
+        raise ValueError("PEFT IA3 option fan_in_fan_out=true is not supported")
+    for site, leaves in found.items():
+        if set(leaves) != {"ia3"}:
+            raise ValueError(f"{site}: adapter tensors {sorted(leaves)}, expected ['ia3']")
+    chosen = sorted(found)
+    ff = [s for s in chosen if found[s]["ia3"].shape[1] == 1]
+    return IA3Config(
+        target_modules=targeting.spec_for(config.get("target_modules"), chosen,
+                                          targeting.linear_sites(base), all_linear=True),
+        feedforward_modules=targeting.spec_for(config.get("feedforward_modules"), ff, chosen)
+        if ff else ())
+
+
+register(Method(
+    name="ia3", config=IA3Config, leaves=frozenset({"ia3"}), init=init,
+    merge=merge, unmerge=unmerge,
+    schema=Schema(peft_type="IA3", loader="PEFT", to_json=to_json, from_json=from_json,
+                  site_tensors={"ia3": "ia3_l"}),
+))

@@ -45,7 +45,6 @@ note that this is not an identity: zero keys still draw softmax weight.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Literal
 
@@ -53,6 +52,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_adapters.adapters.inits import torch_linear
+from flax_adapters.adapters.registry import Method, Schema, register
+from flax_adapters.adapters.targeting import Context
 
 ENCODER = "prefix_encoder"
 
@@ -105,17 +107,10 @@ def kv_width(base: dict) -> int:
     raise ValueError("layers_0's attention holds no k_proj or query_key_value")
 
 
-def _torch_linear(key: jax.Array, fan_in: int, fan_out: int) -> tuple[jax.Array, jax.Array]:
-    """torch.nn.Linear's default init, as (kernel (in, out), bias (out,))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    k_w, k_b = jax.random.split(key)
-    return (jax.random.uniform(k_w, (fan_in, fan_out), jnp.float32, -bound, bound),
-            jax.random.uniform(k_b, (fan_out,), jnp.float32, -bound, bound))
-
-
-def init(base: dict, cfg: PrefixConfig, key: jax.Array, model_type: str = "llama") -> dict:
-    """A new tree with float32 prefix leaves (or the prefix encoder)."""
-    del model_type  # the attention module and the key width are read off the tree
+def init(base: dict, cfg: PrefixConfig, key: jax.Array, ctx: Context | None = None) -> dict:
+    """A new tree with float32 prefix leaves (or the prefix encoder). The
+    attention module and the key width are read off the tree."""
+    del ctx
     p, n_layers, td = cfg.num_virtual_tokens, len(layer_names(base)), kv_width(base)
     k_emb, k_in, k_out = jax.random.split(key, 3)
     if not cfg.prefix_projection:
@@ -124,8 +119,8 @@ def init(base: dict, cfg: PrefixConfig, key: jax.Array, model_type: str = "llama
             flat = jnp.zeros_like(flat)
         return with_flat_prefix(base, flat)
     hidden = cfg.encoder_hidden_size or td
-    dense_in, dense_in_bias = _torch_linear(k_in, td, hidden)
-    dense_out, dense_out_bias = _torch_linear(k_out, hidden, n_layers * 2 * td)
+    dense_in, dense_in_bias = torch_linear(k_in, td, hidden)
+    dense_out, dense_out_bias = torch_linear(k_out, hidden, n_layers * 2 * td)
     if cfg.init == "zero":
         dense_out, dense_out_bias = jnp.zeros_like(dense_out), jnp.zeros_like(dense_out_bias)
     encoder = {"embedding": jax.random.normal(k_emb, (p, td), jnp.float32),
@@ -199,44 +194,65 @@ def materialize(tree: dict, attention: str | None = None) -> dict:
     return with_flat_prefix(rest, flat, attention)
 
 
-# ----------------------------------------------------------------------------- PEFT format
+# ----------------------------------------------------------------------------- PEFT schema
 
-def to_peft(adapter: dict, cfg: PrefixConfig) -> tuple[dict, dict]:
-    """(adapter_config fields, tensors) of PEFT's PREFIX_TUNING for the
-    adapter leaves `adapter`: one `prompt_embeddings` (P, L*2*td), folded."""
+def to_json(cfg: PrefixConfig, adapter: dict, peft_targets) -> dict:
+    """PEFT's PREFIX_TUNING fields for the adapter leaves `adapter`."""
+    del peft_targets
     tree = materialize(adapter)
-    flat = np.asarray(jax.device_get(flat_prefix(tree)), np.float32)
+    p, width = flat_prefix(tree).shape
     n_layers = len([n for n in layer_names(tree)
                     if "prefix_k" in tree[n].get(attention_module(tree[n]) or "", {})])
-    td = flat.shape[1] // (2 * n_layers)
-    config = {
-        "peft_type": "PREFIX_TUNING", "num_virtual_tokens": flat.shape[0], "token_dim": td,
-        "num_layers": n_layers, "num_transformer_submodules": 1,
+    td = width // (2 * n_layers)
+    return {
+        "num_virtual_tokens": p, "token_dim": td, "num_layers": n_layers,
+        "num_transformer_submodules": 1,
         # PEFT sets it from the base model's config when it loads (kv heads under GQA).
         "num_attention_heads": None,
         "encoder_hidden_size": cfg.encoder_hidden_size or td,
         "prefix_projection": cfg.prefix_projection,
         "init_weights": "zero" if cfg.init == "zero" else None,
     }
-    return config, {"prompt_embeddings": flat}
 
 
-def from_peft(config: dict, prompt_embeddings: np.ndarray, base: dict) -> tuple[dict, PrefixConfig]:
-    """(base + per-layer prefix leaves, config) from PEFT's PREFIX_TUNING
-    `prompt_embeddings` (the folded prefix, with or without projection)."""
+def to_tensors(adapter: dict, cfg: PrefixConfig) -> dict:
+    """One `prompt_embeddings` (P, L*2*td): the prefix folded, as PEFT saves it."""
+    del cfg
+    return {"prompt_embeddings": np.asarray(jax.device_get(flat_prefix(adapter)), np.float32)}
+
+
+def _check_shape(config: dict, tensors: dict, base: dict) -> None:
     n_layers, td = len(layer_names(base)), kv_width(base)
-    p = int(config["num_virtual_tokens"])
     if config.get("num_transformer_submodules") not in (None, 1):
         raise ValueError("an encoder-decoder prefix (num_transformer_submodules=2) does not "
                          "fit a decoder-only model")
-    want = (p, n_layers * 2 * td)
-    if tuple(prompt_embeddings.shape) != want:
-        raise ValueError(f"prompt_embeddings has shape {tuple(prompt_embeddings.shape)}, but "
-                         f"this base model needs {want} ({n_layers} layers x key/value x "
-                         f"{td} kv width); was the adapter trained on another model?")
-    cfg = PrefixConfig(num_virtual_tokens=p,
-                       prefix_projection=bool(config.get("prefix_projection", False)),
-                       encoder_hidden_size=config.get("encoder_hidden_size"),
-                       init="zero" if config.get("init_weights") == "zero" else "random")
-    flat = jnp.asarray(np.asarray(prompt_embeddings, np.float32))
-    return with_flat_prefix(base, flat), cfg
+    want = (int(config["num_virtual_tokens"]), n_layers * 2 * td)
+    got = tuple(tensors["prompt_embeddings"].shape)
+    if got != want:
+        raise ValueError(f"prompt_embeddings has shape {got}, but this base model needs {want} "
+                         f"({n_layers} layers x key/value x {td} kv width); was the adapter "
+                         "trained on another model?")
+
+
+def from_json(config: dict, tensors: dict, base: dict) -> PrefixConfig:
+    _check_shape(config, tensors, base)
+    return PrefixConfig(num_virtual_tokens=int(config["num_virtual_tokens"]),
+                        prefix_projection=bool(config.get("prefix_projection", False)),
+                        encoder_hidden_size=config.get("encoder_hidden_size"),
+                        init="zero" if config.get("init_weights") == "zero" else "random")
+
+
+def from_tensors(config: dict, tensors: dict, base: dict) -> dict:
+    """base + the per-layer prefix leaves of PEFT's folded `prompt_embeddings`."""
+    _check_shape(config, tensors, base)
+    return with_flat_prefix(base, jnp.asarray(np.asarray(tensors["prompt_embeddings"],
+                                                         np.float32)))
+
+
+register(Method(
+    name="prefix", config=PrefixConfig, leaves=frozenset({"prefix_k", "prefix_v", ENCODER}),
+    init=init, settings=lambda cfg, presets: {"prefix_tokens": cfg.num_virtual_tokens},
+    materialize=materialize,
+    schema=Schema(peft_type="PREFIX_TUNING", loader="PEFT", to_json=to_json,
+                  from_json=from_json, to_tensors=to_tensors, from_tensors=from_tensors),
+))

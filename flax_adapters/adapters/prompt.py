@@ -48,6 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_adapters.adapters.inits import torch_linear
+from flax_adapters.adapters.registry import Method, Schema, register
+from flax_adapters.adapters.targeting import Context
 from flax_adapters.quant import array as qarray
 
 EMBEDDINGS, ENCODER = "prompt_embeddings", "prompt_encoder"
@@ -95,26 +98,18 @@ def text_token_ids(token_ids: list[int], n: int) -> list[int]:
     return (token_ids * math.ceil(n / len(token_ids)))[:n]
 
 
-def _torch_linear(key: jax.Array, fan_in: int, fan_out: int) -> tuple[jax.Array, jax.Array]:
-    """torch.nn.Linear's default init: weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    k_w, k_b = jax.random.split(key)
-    return (jax.random.uniform(k_w, (fan_in, fan_out), jnp.float32, -bound, bound),
-            jax.random.uniform(k_b, (fan_out,), jnp.float32, -bound, bound))
-
-
 def init(base: dict, cfg: PromptTuningConfig | PTuningConfig, key: jax.Array,
-         model_type: str = "llama") -> dict:
-    """A new tree with the float32 prompt (or P-tuning encoder) at the top."""
-    del model_type
+         ctx: Context) -> dict:
+    """A new tree with the float32 prompt (or P-tuning encoder) at the top;
+    the text init tokenizes through `ctx.tokenize`."""
     vocab = base["embed_tokens"]
     p, d = cfg.num_virtual_tokens, vocab.shape[1]
     k_emb, k_in, k_mid, k_out = jax.random.split(key, 4)
     if isinstance(cfg, PTuningConfig):
         h = cfg.encoder_hidden_size or d
-        dense_in, dense_in_bias = _torch_linear(k_in, d, h)
-        dense_mid, dense_mid_bias = _torch_linear(k_mid, h, h)
-        dense_out, dense_out_bias = _torch_linear(k_out, h, d)
+        dense_in, dense_in_bias = torch_linear(k_in, d, h)
+        dense_mid, dense_mid_bias = torch_linear(k_mid, h, h)
+        dense_out, dense_out_bias = torch_linear(k_out, h, d)
         return {**base, ENCODER: {
             "embedding": jax.random.normal(k_emb, (p, d), jnp.float32),
             "dense_in": dense_in, "dense_in_bias": dense_in_bias,
@@ -126,10 +121,11 @@ def init(base: dict, cfg: PromptTuningConfig | PTuningConfig, key: jax.Array,
         if cfg.init == "sample_vocab":
             ids = jax.random.randint(k_emb, (p,), 0, vocab.shape[0])
         else:
-            from transformers import AutoTokenizer  # tokenizers only, as the DESIGN allows
-
-            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path)
-            ids = jnp.asarray(text_token_ids(tokenizer(cfg.init_text)["input_ids"], p))
+            if ctx.tokenize is None:
+                raise ValueError("init='text' needs a tokenizer; inject through fa.inject, "
+                                 "which provides one")
+            ids = jnp.asarray(text_token_ids(
+                ctx.tokenize(cfg.tokenizer_name_or_path, cfg.init_text), p))
         prompts = qarray.take(vocab, ids, jnp.float32)
     return {**base, EMBEDDINGS: prompts}
 
@@ -157,51 +153,73 @@ def fold(tree: dict) -> dict:
     return {**rest, EMBEDDINGS: encode(tree[ENCODER])}
 
 
-# ----------------------------------------------------------------------------- PEFT format
+# ----------------------------------------------------------------------------- PEFT schema
 
-def to_peft(adapter: dict, cfg: PromptTuningConfig | PTuningConfig) -> tuple[dict, dict]:
-    """(adapter_config fields, tensors) of PEFT's PROMPT_TUNING or P_TUNING:
-    one `prompt_embeddings` (P, d), the encoder's output for P-tuning."""
-    emb = prompts(adapter.get(EMBEDDINGS), adapter.get(ENCODER))
-    if emb is None:
-        raise ValueError("the tree holds no prompt (no prompt_embeddings or prompt_encoder)")
-    emb = np.asarray(jax.device_get(emb), np.float32)
-    p, d = emb.shape
+def to_json(cfg: PromptTuningConfig | PTuningConfig, adapter: dict, peft_targets) -> dict:
+    """PEFT's PROMPT_TUNING or P_TUNING fields (a P-tuning prompt is saved
+    folded, as PEFT saves it)."""
+    del peft_targets
+    p, d = to_tensors(adapter, cfg)["prompt_embeddings"].shape
     # PEFT fills the base model's layer and head counts when it loads.
     common = {"num_virtual_tokens": p, "token_dim": d, "num_transformer_submodules": 1,
               "num_attention_heads": None, "num_layers": None}
     if isinstance(cfg, PTuningConfig):
-        config = {"peft_type": "P_TUNING", **common, "encoder_reparameterization_type": "MLP",
-                  "encoder_hidden_size": cfg.encoder_hidden_size or d, "encoder_num_layers": 2,
-                  "encoder_dropout": 0.0}
-    else:
-        config = {"peft_type": "PROMPT_TUNING", **common,
-                  "prompt_tuning_init": cfg.init.upper(),
-                  "prompt_tuning_init_text": cfg.init_text,
-                  "tokenizer_name_or_path": cfg.tokenizer_name_or_path, "tokenizer_kwargs": None}
-    return config, {"prompt_embeddings": emb}
+        return {**common, "encoder_reparameterization_type": "MLP",
+                "encoder_hidden_size": cfg.encoder_hidden_size or d, "encoder_num_layers": 2,
+                "encoder_dropout": 0.0}
+    return {**common, "prompt_tuning_init": cfg.init.upper(),
+            "prompt_tuning_init_text": cfg.init_text,
+            "tokenizer_name_or_path": cfg.tokenizer_name_or_path, "tokenizer_kwargs": None}
 
 
-def from_peft(config: dict, prompt_embeddings: np.ndarray,
-              base: dict) -> tuple[dict, PromptTuningConfig | PTuningConfig]:
-    """(base + prompt_embeddings, config) from PEFT's PROMPT_TUNING or
-    P_TUNING (a P-tuning adapter arrives folded, as PEFT saves it)."""
+def to_tensors(adapter: dict, cfg: PromptTuningConfig | PTuningConfig) -> dict:
+    """One `prompt_embeddings` (P, d): the encoder's output for P-tuning."""
+    del cfg
+    emb = prompts(adapter.get(EMBEDDINGS), adapter.get(ENCODER))
+    if emb is None:
+        raise ValueError("the tree holds no prompt (no prompt_embeddings or prompt_encoder)")
+    return {"prompt_embeddings": np.asarray(jax.device_get(emb), np.float32)}
+
+
+def _check_shape(config: dict, tensors: dict, base: dict) -> None:
     p, d = int(config["num_virtual_tokens"]), base["embed_tokens"].shape[1]
     if config.get("num_transformer_submodules") not in (None, 1):
         raise ValueError("an encoder-decoder prompt (num_transformer_submodules=2) does not "
                          "fit a decoder-only model")
-    if tuple(prompt_embeddings.shape) != (p, d):
-        raise ValueError(f"prompt_embeddings has shape {tuple(prompt_embeddings.shape)}, but "
-                         f"this base model needs ({p}, {d}); was it trained on another model?")
+    got = tuple(tensors["prompt_embeddings"].shape)
+    if got != (p, d):
+        raise ValueError(f"prompt_embeddings has shape {got}, but this base model needs "
+                         f"({p}, {d}); was it trained on another model?")
+
+
+def from_json(config: dict, tensors: dict, base: dict) -> PromptTuningConfig | PTuningConfig:
+    _check_shape(config, tensors, base)
+    p = int(config["num_virtual_tokens"])
     if config["peft_type"] == "P_TUNING":
-        cfg = PTuningConfig(num_virtual_tokens=p,
-                            encoder_hidden_size=config.get("encoder_hidden_size"),
-                            encoder_reparameterization_type=config.get(
-                                "encoder_reparameterization_type", "MLP"))
-    else:
-        init_ = str(config.get("prompt_tuning_init") or "RANDOM").lower()
-        text, tok = config.get("prompt_tuning_init_text"), config.get("tokenizer_name_or_path")
-        cfg = PromptTuningConfig(num_virtual_tokens=p,
-                                 init=init_ if init_ != "text" or (text and tok) else "random",
-                                 init_text=text, tokenizer_name_or_path=tok)
-    return {**base, EMBEDDINGS: jnp.asarray(np.asarray(prompt_embeddings, np.float32))}, cfg
+        return PTuningConfig(num_virtual_tokens=p,
+                             encoder_hidden_size=config.get("encoder_hidden_size"),
+                             encoder_reparameterization_type=config.get(
+                                 "encoder_reparameterization_type", "MLP"))
+    init_ = str(config.get("prompt_tuning_init") or "RANDOM").lower()
+    text, tok = config.get("prompt_tuning_init_text"), config.get("tokenizer_name_or_path")
+    return PromptTuningConfig(num_virtual_tokens=p,
+                              init=init_ if init_ != "text" or (text and tok) else "random",
+                              init_text=text, tokenizer_name_or_path=tok)
+
+
+def from_tensors(config: dict, tensors: dict, base: dict) -> dict:
+    """base + the prompt (a P-tuning adapter arrives folded, as PEFT saves it)."""
+    _check_shape(config, tensors, base)
+    return {**base, EMBEDDINGS: jnp.asarray(np.asarray(tensors["prompt_embeddings"],
+                                                       np.float32))}
+
+
+def _schema(peft_type: str) -> Schema:
+    return Schema(peft_type=peft_type, loader="PEFT", to_json=to_json, from_json=from_json,
+                  to_tensors=to_tensors, from_tensors=from_tensors)
+
+
+register(Method(name="prompt", config=PromptTuningConfig, leaves=frozenset({EMBEDDINGS}),
+                init=init, schema=_schema("PROMPT_TUNING")))
+register(Method(name="p_tuning", config=PTuningConfig, leaves=frozenset({EMBEDDINGS, ENCODER}),
+                init=init, schema=_schema("P_TUNING")))

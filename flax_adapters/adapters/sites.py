@@ -47,7 +47,7 @@ def _leaf(mdl: nn.Module, name: str):
 def _dropout(mdl: nn.Module, x: jax.Array, rate: float, deterministic: bool) -> jax.Array:
     """Inverted dropout. The mask compares raw uint32 draws with (1 - rate) * 2^32
     (exact to 2^-32): `jax.random.bernoulli` also converts every draw to a float,
-    which made LoRA dropout ~1.7x dearer (one mask per site, as PEFT's one
+    which made LoRA dropout markedly dearer (one mask per site, as PEFT's one
     Dropout module per LoRA layer)."""
     if deterministic or rate == 0.0:
         return x
@@ -99,7 +99,7 @@ def _bottleneck_placement(mdl: nn.Module, settings: Settings) -> str | None:
     where = dict(settings.bottleneck_series).get(mdl.name)
     if where is None:  # leaves the settings do not place: never skip them silently
         raise ValueError(f"{mdl.name} holds a bottleneck adapter but the model's Settings do not "
-                         "place it; build the model with settings=api.settings_for(cfg)")
+                         "place it; build the model with settings=fa.settings_for(cfg, model_type)")
     return where
 
 
@@ -146,7 +146,7 @@ def kv(mdl: nn.Module, k_bskn: jax.Array, v_bskn: jax.Array, mask_bts: jax.Array
     if p != mdl.settings.prefix_tokens:  # the positions would be shifted by the wrong amount
         raise ValueError(f"{mdl.name} holds a {p}-token prefix but the model's Settings say "
                          f"prefix_tokens={mdl.settings.prefix_tokens}; build the model with "
-                         "settings=api.settings_for(cfg)")
+                         "settings=fa.settings_for(cfg, model_type)")
     b, _, k, n = k_bskn.shape
 
     def prepend(leaf_pd, x_bskn):
@@ -177,7 +177,7 @@ def embed(mdl: nn.Module, h_btd: jax.Array, valid_bt: jax.Array, positions_bt: j
     if mdl.has_variable("params", prefix.ENCODER):
         raise ValueError("the tree holds a prefix_encoder (prefix tuning with projection); the "
                          "model reads the per-layer prefixes it computes: apply the model to "
-                         "prefix.materialize(tree)")
+                         "fa.materialize(tree)")
     if mdl.settings.prefix_tokens:
         positions_bt = positions_bt + mdl.settings.prefix_tokens
     prompts_pd = prompt.prompts(mdl.get_variable("params", prompt.EMBEDDINGS),

@@ -7,75 +7,56 @@ matches every layer's q_proj), a regex string (full match against the
 path), or "all-linear" (every linear site but the output head, as PEFT).
 A spec that matches nothing is an error naming the sites that exist; the
 resolved list is logged.
+
+The default targets of a method depend on the model family; each family
+file (models/) states them as a `Presets`, which the methods read here
+without knowing any family.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
-from typing import Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
 import jax
 
 from flax_adapters.quant.array import is_quantized
+from flax_adapters.tree import path_str
 
 log = logging.getLogger(__name__)
 
 TargetSpec = Union[str, Sequence[str]]
 
-# Default targets per family: LoRA as PEFT's (and LLM-Adapters')
-# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING; the bottleneck adapters as
-# LLM-Adapters' BOTTLENECK / ADAPTERP / PARALLEL_ADAPTER mappings; IA3 as PEFT's
-# IA3 target and feedforward mappings. LLM-Adapters has no bottleneck mapping
-# for GPT-NeoX: ours follows BLOOM's (the same MLP and fused attention names).
-PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
-    "llama": {
-        "lora": ("q_proj", "v_proj"),
-        "bottleneck": ("gate_proj", "up_proj", "down_proj"),  # AdapterH (series)
-        "adapterp": ("down_proj",),  # AdapterP (Pfeiffer)
-        "parallel": ("q_proj", "k_proj", "v_proj"),
-        "ia3": ("k_proj", "v_proj", "down_proj"),  # PEFT's default for llama
-        "ia3_feedforward": ("down_proj",),
-    },
-    "bloom": {
-        "lora": ("query_key_value",),
-        "bottleneck": ("dense_h_to_4h", "dense_4h_to_h"),
-        "adapterp": ("dense_4h_to_h",),
-        "parallel": ("query_key_value",),
-        "ia3": ("query_key_value", "dense_4h_to_h"),  # PEFT: mlp.dense_4h_to_h, the same
-        "ia3_feedforward": ("dense_4h_to_h",),
-    },
-    "opt": {
-        "lora": ("q_proj", "v_proj"),
-        "bottleneck": ("fc1", "fc2"),
-        "adapterp": ("fc2",),
-        "parallel": ("q_proj", "k_proj", "v_proj"),
-        "ia3": ("q_proj", "k_proj", "fc2"),
-        "ia3_feedforward": ("fc2",),
-    },
-    "gptj": {
-        "lora": ("q_proj", "v_proj"),
-        "bottleneck": ("fc_in", "fc_out"),
-        "adapterp": ("fc_out",),
-        "parallel": ("q_proj", "k_proj", "v_proj"),
-        "ia3": ("q_proj", "v_proj", "fc_out"),
-        "ia3_feedforward": ("fc_out",),
-    },
-    "gpt_neox": {
-        "lora": ("query_key_value",),
-        "bottleneck": ("dense_h_to_4h", "dense_4h_to_h"),
-        "adapterp": ("dense_4h_to_h",),
-        "parallel": ("query_key_value",),
-        "ia3": ("query_key_value", "dense_4h_to_h"),
-        "ia3_feedforward": ("dense_4h_to_h",),
-    },
-}
-PRESETS["mistral"] = PRESETS["qwen2"] = PRESETS["llama"]
+
+@dataclasses.dataclass(frozen=True)
+class Presets:
+    """A model family's defaults for the adapter methods.
+
+    targets: method preset name -> module names (PEFT's / LLM-Adapters'
+    target mappings: 'lora', 'ia3', 'ia3_feedforward', 'bottleneck'
+    (AdapterH), 'adapterp', 'parallel'); series_placement: module name ->
+    'input' | 'output', where LLM-Adapters puts a series adapter."""
+
+    targets: Mapping[str, tuple[str, ...]]
+    series_placement: Mapping[str, str]
+
+    def target(self, method: str) -> tuple[str, ...]:
+        if method not in self.targets:
+            raise ValueError(f"no target preset for {method!r} on this model family; give "
+                             "target_modules explicitly")
+        return self.targets[method]
 
 
-def path_str(path) -> str:
-    """A jax key path as 'a/b/c'."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a method's `init` may need beyond the tree: the family's presets
+    and, for prompt tuning's text init, a tokenizer function
+    (tokenize(tokenizer_name_or_path, text) -> token ids)."""
+
+    presets: Presets
+    tokenize: Callable[[str, str], list[int]] | None = None
 
 
 def linear_sites(tree: dict) -> list[str]:
@@ -87,6 +68,11 @@ def linear_sites(tree: dict) -> list[str]:
         if name.endswith("/kernel"):
             sites.append(name.removesuffix("/kernel"))
     return sites
+
+
+def matches(site: str, names: Sequence[str]) -> bool:
+    """Whether `site` ends with one of `names` (PEFT's suffix rule, at '/')."""
+    return any(site == x or site.endswith("/" + x) for x in names)
 
 
 def resolve(tree: dict, spec: TargetSpec) -> list[str]:
@@ -102,11 +88,11 @@ def resolve(tree: dict, spec: TargetSpec) -> list[str]:
         chosen = [s for s in sites if pattern.fullmatch(s)]
     else:
         suffixes = tuple(spec)
-        unmatched = [x for x in suffixes if not any(s == x or s.endswith("/" + x) for s in sites)]
+        unmatched = [x for x in suffixes if not any(matches(s, (x,)) for s in sites)]
         if unmatched:
             raise ValueError(f"target(s) {unmatched} match no site; the linear sites are "
                              f"named {sorted({s.rsplit('/', 1)[-1] for s in sites})}")
-        chosen = [s for s in sites if any(s == x or s.endswith("/" + x) for x in suffixes)]
+        chosen = [s for s in sites if matches(s, suffixes)]
     if not chosen:
         raise ValueError(f"targets {spec!r} match no site; the linear sites are named "
                          f"{sorted({s.rsplit('/', 1)[-1] for s in sites})} "
@@ -115,19 +101,36 @@ def resolve(tree: dict, spec: TargetSpec) -> list[str]:
     return chosen
 
 
+def spec_for(peft_spec, found: list[str], candidates: list[str],
+             all_linear: bool = False) -> TargetSpec:
+    """Our spec selecting exactly the sites `found` (those an adapter file
+    holds tensors for) out of `candidates`: the file's list of name
+    suffixes when it means that, else "all-linear" when that is what was
+    found (PEFT saves it expanded), else an exact regex."""
+    if isinstance(peft_spec, (list, tuple)):
+        # PEFT's suffixes end at a '.', ours at a '/': 'mlp.dense_4h_to_h' -> 'mlp/dense_4h_to_h'.
+        names = tuple(sorted(x.replace(".", "/") for x in peft_spec))
+        if set(found) == {s for s in candidates if matches(s, names)}:
+            return names
+    if all_linear and set(found) == {s for s in candidates if s != "lm_head"}:
+        return "all-linear"
+    return "(" + "|".join(re.escape(s) for s in found) + ")"
+
+
+def _layer_order(head: str) -> tuple:
+    """'layers_10' after 'layers_2': numbers compare as numbers."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", head))
+
+
 def summarize(chosen: list[str]) -> str:
     """'q_proj x30 (layers_0..layers_29), v_proj x30 (...)': the resolved list, short."""
     groups: dict[str, list[str]] = {}
     for site in chosen:
         head, _, name = site.rpartition("/")
         groups.setdefault(name, []).append(head.split("/")[0])
-    return ", ".join(f"{name} x{len(heads)} ({heads[0]}..{heads[-1]})" if len(heads) > 1
-                     else f"{name} ({heads[0]})" for name, heads in groups.items())
-
-
-def preset(model_type: str, method: str) -> tuple[str, ...]:
-    try:
-        return PRESETS[model_type][method]
-    except KeyError:
-        raise ValueError(f"no target preset for method {method!r} on {model_type!r}; "
-                         "give target_modules explicitly") from None
+    out = []
+    for name, heads in groups.items():
+        heads = sorted(heads, key=_layer_order)
+        out.append(f"{name} x{len(heads)} ({heads[0]}..{heads[-1]})" if len(heads) > 1
+                   else f"{name} ({heads[0]})")
+    return ", ".join(out)

@@ -93,7 +93,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], Any
     _check_layout(reader, path.name)
     config = _hf_config(meta, tensors, path.name)
     check_layer_count(config["num_hidden_layers"], [n for n in names.values() if n],
-                      f"{path.name} (GGUF metadata llama.block_count)")
+                      f"{path.name} (GGUF metadata llama.block_count)", config["model_type"])
     heads = {"self_attn.q_proj": config["num_attention_heads"],
              "self_attn.k_proj": config["num_key_value_heads"]}
     state: dict[str, np.ndarray] = {}

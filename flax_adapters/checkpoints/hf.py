@@ -4,7 +4,7 @@ A directory holds `config.json`, weights as `model.safetensors` or shards
 listed in `model.safetensors.index.json`, and tokenizer files. Tensor names
 map one to one onto tree paths (`model.layers.3.mlp.up_proj.weight` <->
 `layers_3/mlp/up_proj/kernel`, transposed to (in, out)), through each model
-family's table of names (`HF_NAMES` in its file). Every expected
+family's table of names (models/names.py). Every expected
 tensor must be present with its shape; anything missing, unexpected or
 mis-shaped is an error naming it, and so is a weight that is not a float or
 holds NaN/Inf (a corrupted file). config.json is checked before anything is
@@ -24,17 +24,17 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from flax_adapters.adapters.tree import BASE_LEAVES
-from flax_adapters.checkpoints.safetensors_io import iter_tensors, read_header
-from flax_adapters.models import registry
-from flax_adapters.models.registry import abstract_params, family
+from flax_adapters.checkpoints.atomic import write_dir_atomically
+from flax_adapters.checkpoints.safetensors_io import iter_tensors, read_header, save_file
+from flax_adapters.models import names, registry
+from flax_adapters.models.registry import abstract_params
 from flax_adapters.quant.array import is_quantized
 from flax_adapters.quant.params import QuantConfig, quantize_leaf
 
 # Tensors some checkpoints carry that the model recomputes: rotary tables and
 # GPT-J's / GPT-NeoX's causal-mask buffers (`attn.bias`, `attention.masked_bias`).
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|\.(attn|attention)\.(masked_)?bias$")
-_PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _DIMS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 # Family-specific sizes, checked when the family's config has them (all required).
 _OPTIONAL_DIMS = ("intermediate_size", "ffn_dim", "word_embed_proj_dim", "num_key_value_heads",
@@ -72,77 +72,12 @@ def config_from_hf(hf: Any, where: str) -> Any:
             raise ValueError(f"{where}: {key} must be a positive number, got {value!r}")
     return cfg
 
-# A module holding a `weight` that is a norm's scale, not a kernel: the names
-# the families use (input_layernorm, self_attn_layer_norm, norm, ln_1, ln_f, ...).
-_NORM = re.compile(r"(.*layer_?norm|norm|ln_\w+)")
-_SPECIAL = ("layers", "base_prefix", "aliases")
-
-# The family tables (`HF_NAMES` in each model file) map our top-level entries to
-# Hugging Face names: a bare leaf (embed_tokens, lm_head, ...) to its full tensor
-# name, a module (norm, ln_f, project_in, ...) to its module name; "layers" is
-# the prefix of the layer stack (`model.layers` + `.3` <-> `layers_3`),
-# "base_prefix" what checkpoints saved from the bare base model omit, and
-# "aliases" older names of tensors.
-
-
-def _names(model_type: str) -> dict:
-    return family(model_type).hf_names
-
-
-def hf_name_to_path(name: str, model_type: str = "llama") -> tuple[tuple[str, ...], bool] | None:
-    """'model.layers.0.self_attn.q_proj.weight' -> (('layers_0', 'self_attn',
-    'q_proj', 'kernel'), transpose=True); None for names we do not know."""
-    names = _names(model_type)
-    for key, hf in names.items():
-        if key not in _SPECIAL and hf == name:  # a bare leaf: only the head is transposed
-            return (key,), key == "lm_head"
-    module, _, kind = name.rpartition(".")
-    if kind not in ("weight", "bias"):
-        return None
-    m = re.fullmatch(re.escape(names["layers"]) + r"\.(\d+)\.(.+)", module)
-    if m is not None:
-        parts = (f"layers_{m.group(1)}", *m.group(2).split("."))
-    else:
-        top = [k for k, hf in names.items() if k not in _SPECIAL and hf == module]
-        if not top:
-            return None
-        parts = (top[0],)
-    if kind == "bias":
-        return (*parts, "bias"), False
-    if _NORM.fullmatch(parts[-1]):
-        return (*parts, "scale"), False
-    return (*parts, "kernel"), True
-
-
-def path_to_hf_name(path: tuple[str, ...], model_type: str = "llama") -> str:
-    """Inverse of `hf_name_to_path` for base parameters."""
-    names = _names(model_type)
-    head, *rest = path
-    if not rest:
-        return names[head]
-    leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[rest[-1]]
-    if head.startswith("layers_"):
-        return ".".join([names["layers"], head.removeprefix("layers_"), *rest[:-1], leaf])
-    return ".".join([names[head], *rest[:-1], leaf])
-
-
-def _canonical(name: str, names: dict, model_type: str) -> tuple[tuple[str, ...], bool] | None:
-    """`hf_name_to_path` of a tensor name, also under its family's aliases and
-    with the base-model prefix that checkpoints of the bare model omit."""
-    name = names.get("aliases", {}).get(name, name)
-    mapped = hf_name_to_path(name, model_type)
-    if mapped is None and not name.startswith(names["base_prefix"]):
-        mapped = hf_name_to_path(names["base_prefix"] + name, model_type)
-    return mapped
-
-
 def check_layer_count(num_layers: int, hf_names: list[str], where: str,
-                      model_type: str = "llama") -> None:
+                      model_type: str) -> None:
     """The config's layer count must be the one the weights hold: the model's
     shapes are planned per layer, so an absurd count would cost time and
     memory before any tensor is compared."""
-    names = _names(model_type)
-    found = {mapped[0][0] for n in hf_names if (mapped := _canonical(n, names, model_type))
+    found = {mapped[0][0] for n in hf_names if (mapped := names.canonical(n, model_type))
              and mapped[0][0].startswith("layers_")}
     if num_layers != len(found):
         raise ValueError(f"{where}: num_hidden_layers={num_layers}, but the weights hold "
@@ -158,7 +93,6 @@ def hf_state_to_params(cfg: Any, state: Any, dtype: Any = np.float32,
     expected = {tuple(k.key for k in path): leaf.shape for path, leaf in
                 jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
     dtype = np.dtype(ml_dtypes.bfloat16 if str(dtype) == "bfloat16" else dtype)
-    names = _names(cfg.model_type)
     if quantize is not None:
         quantize = dataclasses.replace(quantize, model_type=cfg.model_type)
     params: dict = {}
@@ -166,7 +100,7 @@ def hf_state_to_params(cfg: Any, state: Any, dtype: Any = np.float32,
     for name, arr in (state.items() if isinstance(state, dict) else state):
         if _IGNORED.search(name):
             continue
-        mapped = _canonical(name, names, cfg.model_type)
+        mapped = names.canonical(name, cfg.model_type)
         if mapped is not None and mapped[0] == ("lm_head",) and cfg.tie_word_embeddings:
             continue  # tied: the head is the embedding matrix
         if mapped is None or mapped[0] not in expected:
@@ -193,7 +127,7 @@ def hf_state_to_params(cfg: Any, state: Any, dtype: Any = np.float32,
         seen.add(path)
     missing = sorted("/".join(p) for p in set(expected) - seen)
     if missing:
-        some = [path_to_hf_name(tuple(m.split("/")), cfg.model_type) for m in missing[:3]]
+        some = [names.path_to_hf_name(tuple(m.split("/")), cfg.model_type) for m in missing[:3]]
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {some}")
     return params
 
@@ -225,7 +159,7 @@ def weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
     files = sorted(directory.glob("*.safetensors"))
     if files:
         return files
-    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLED)
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLED_SUFFIXES)
     if pickled:
         raise ValueError(
             f"{directory} has only pickled weights ({', '.join(pickled)}); loading them could "
@@ -242,22 +176,24 @@ def save_hf_dir(params: dict, hf_config: dict, out_dir: str | os.PathLike,
     model.safetensors in PyTorch names and layouts (the inverse of
     `hf_state_to_params`), and the tokenizer's files; atomically, so an
     existing directory is replaced whole or not at all."""
-    from flax_adapters.checkpoints.atomic import write_dir_atomically
-    from flax_adapters.checkpoints.safetensors_io import save_file
-
-    model_type = hf_config.get("model_type", "llama")
+    if "model_type" not in hf_config:
+        raise ValueError("hf_config has no model_type; pass the base model's config.json")
+    model_type = hf_config["model_type"]
+    expected = {tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(
+        abstract_params(config_from_hf(hf_config, "hf_config")))[0]}
     tensors = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
         path = tuple(k.key for k in path)
         if is_quantized(leaf):
             raise ValueError(f"{'/'.join(path)} is quantized; a model directory holds float "
                              "weights: quant.params.dequantize_params(tree) first")
-        if path[-1] not in BASE_LEAVES:
-            raise ValueError(f"{'/'.join(path)} is not a base weight; merge the adapter "
-                             "(api.merge) before saving a model directory")
-        name = path_to_hf_name(path, model_type)
+        if path not in expected:
+            raise ValueError(f"{'/'.join(path)} is not a weight of this {model_type} model; "
+                             "merge an adapter (fa.merge) before saving a model directory")
+        name = names.path_to_hf_name(path, model_type)
         value = np.asarray(jax.device_get(leaf), np.float32)
-        tensors[name] = np.ascontiguousarray(value.T if hf_name_to_path(name, model_type)[1] else value)
+        transpose = names.hf_name_to_path(name, model_type)[1]
+        tensors[name] = np.ascontiguousarray(value.T if transpose else value)
     files = {
         "config.json": lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n"),
         "model.safetensors": lambda p: save_file(tensors, p, metadata={"format": "pt"}),

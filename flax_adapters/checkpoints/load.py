@@ -13,7 +13,7 @@ import pathlib
 import re
 from typing import Any
 
-from flax_adapters.checkpoints.hf import (_PICKLED, config_from_hf, hf_state_to_params,
+from flax_adapters.checkpoints.hf import (PICKLED_SUFFIXES, config_from_hf, hf_state_to_params,
                                           load_hf_dir)
 from flax_adapters.quant.params import QuantConfig
 
@@ -95,7 +95,7 @@ def load_pretrained(path: str | pathlib.Path, dtype: Any = "float32",
             raise FileNotFoundError(f"model path {str(path)!r} does not exist; pass a Hugging "
                                     "Face model directory, a .gguf file or a hub id")
     if p.is_file():
-        if p.suffix in _PICKLED:
+        if p.suffix in PICKLED_SUFFIXES:
             raise ValueError(f"{p.name} is a pickled checkpoint; loading it could run arbitrary "
                              "code, so it is refused. Convert it to safetensors first")
         if p.suffix != ".gguf":

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_adapters.adapters import sites
+from flax_adapters.adapters.targeting import Presets
 from flax_adapters.models.decoder import (Cache, attend, decoder_stack, embed_inputs,
                                           output_logits, real_outputs, token_embedding)
 from flax_adapters.models.layers import (LayerNorm, Linear, alibi_bias, alibi_slopes,
@@ -42,6 +43,14 @@ HF_NAMES = {"layers": "transformer.h", "embed_tokens": "transformer.word_embeddi
             "word_embeddings_layernorm": "transformer.word_embeddings_layernorm",
             "ln_f": "transformer.ln_f", "lm_head": "lm_head.weight",
             "base_prefix": "transformer."}
+# The adapter methods' default targets on this family (adapters/targeting.py).
+PRESETS = Presets(
+    targets={"lora": ("query_key_value",),
+             "ia3": ("query_key_value", "dense_4h_to_h"),  # PEFT: mlp.dense_4h_to_h, the same
+             "ia3_feedforward": ("dense_4h_to_h",),
+             "bottleneck": ("dense_h_to_4h", "dense_4h_to_h"), "adapterp": ("dense_4h_to_h",),
+             "parallel": ("query_key_value",)},
+    series_placement={"dense_h_to_4h": "input", "dense_4h_to_h": "output"})
 
 
 @dataclasses.dataclass(frozen=True)

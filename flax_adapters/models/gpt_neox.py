@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from flax_adapters.adapters import sites
-from flax_adapters.adapters.bottleneck import ACTIVATIONS
+from flax_adapters.adapters.targeting import Presets
+from flax_adapters.activations import ACTIVATIONS
 from flax_adapters.models.decoder import (Cache, attend, decoder_stack, embed_inputs,
                                           output_logits, real_outputs, token_embedding)
 from flax_adapters.models.layers import LayerNorm, Linear, apply_partial_rope, rope_inv_freq
@@ -42,6 +43,15 @@ Dtype = Any
 HF_NAMES = {"layers": "gpt_neox.layers", "embed_tokens": "gpt_neox.embed_in.weight",
             "final_layer_norm": "gpt_neox.final_layer_norm", "lm_head": "lm_head.weight",
             "base_prefix": "gpt_neox.", "aliases": {"embed_out.weight": "lm_head.weight"}}
+# The adapter methods' default targets on this family (adapters/targeting.py).
+PRESETS = Presets(
+    # LLM-Adapters has no bottleneck mapping for GPT-NeoX: ours follows BLOOM's
+    # (the same MLP and fused attention names).
+    targets={"lora": ("query_key_value",), "ia3": ("query_key_value", "dense_4h_to_h"),
+             "ia3_feedforward": ("dense_4h_to_h",),
+             "bottleneck": ("dense_h_to_4h", "dense_4h_to_h"), "adapterp": ("dense_4h_to_h",),
+             "parallel": ("query_key_value",)},
+    series_placement={"dense_h_to_4h": "input", "dense_4h_to_h": "output"})
 
 
 @dataclasses.dataclass(frozen=True)

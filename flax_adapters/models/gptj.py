@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from flax_adapters.adapters import sites
-from flax_adapters.adapters.bottleneck import ACTIVATIONS
+from flax_adapters.adapters.targeting import Presets
+from flax_adapters.activations import ACTIVATIONS
 from flax_adapters.models.decoder import (Cache, attend, decoder_stack, embed_inputs,
                                           output_logits, real_outputs, token_embedding)
 from flax_adapters.models.layers import (LayerNorm, Linear, apply_partial_rope,
@@ -39,6 +40,12 @@ Dtype = Any
 HF_NAMES = {"layers": "transformer.h", "embed_tokens": "transformer.wte.weight",
             "ln_f": "transformer.ln_f", "lm_head": "lm_head.weight",
             "lm_head_bias": "lm_head.bias", "base_prefix": "transformer."}
+# The adapter methods' default targets on this family (adapters/targeting.py).
+PRESETS = Presets(
+    targets={"lora": ("q_proj", "v_proj"), "ia3": ("q_proj", "v_proj", "fc_out"),
+             "ia3_feedforward": ("fc_out",), "bottleneck": ("fc_in", "fc_out"),
+             "adapterp": ("fc_out",), "parallel": ("q_proj", "k_proj", "v_proj")},
+    series_placement={"fc_in": "input", "fc_out": "output"})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,7 +39,7 @@ class Linear(nn.Module):
     gradients of adapters (LoRA's A and B, bottlenecks) then contract over one
     dimension. Over (b, t) of a 3-D array, XLA:CPU first transposes both
     operands into a (features, b*t) layout, a copy of each activation per site
-    (measured: 2.1x slower for a LoRA's gradients; 15% of a SmolLM2 step)."""
+    (measured in commit 0d14344)."""
 
     features: int
     axes: tuple[str, str]

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_adapters.adapters import sites
+from flax_adapters.adapters.targeting import Presets
 from flax_adapters.models.config import LlamaConfig
 from flax_adapters.models.decoder import (Cache, attend, decoder_stack, embed_inputs,
                                           output_logits, real_outputs, token_embedding)
@@ -30,9 +31,17 @@ from flax_adapters.models.layers import Linear, RMSNorm, apply_rope, rope_inv_fr
 
 Dtype = Any
 
-# Hugging Face names of the top-level entries and of the layer stack (checkpoints/hf.py).
+# Hugging Face names of the top-level entries and of the layer stack (models/names.py).
 HF_NAMES = {"layers": "model.layers", "embed_tokens": "model.embed_tokens.weight",
             "norm": "model.norm", "lm_head": "lm_head.weight", "base_prefix": "model."}
+# The adapter methods' default targets on this family (adapters/targeting.py).
+PRESETS = Presets(
+    # PEFT's / LLM-Adapters' target mappings for LLaMA (IA3: PEFT's).
+    targets={"lora": ("q_proj", "v_proj"), "ia3": ("k_proj", "v_proj", "down_proj"),
+             "ia3_feedforward": ("down_proj",),
+             "bottleneck": ("gate_proj", "up_proj", "down_proj"),  # AdapterH (series)
+             "adapterp": ("down_proj",), "parallel": ("q_proj", "k_proj", "v_proj")},
+    series_placement={"gate_proj": "input", "up_proj": "input", "down_proj": "output"})
 
 
 class Attention(nn.Module):

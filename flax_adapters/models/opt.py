@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 
 from flax_adapters.adapters import sites
-from flax_adapters.adapters.bottleneck import ACTIVATIONS
+from flax_adapters.adapters.targeting import Presets
+from flax_adapters.activations import ACTIVATIONS
 from flax_adapters.models.decoder import (Cache, attend, decoder_stack, embed_inputs,
                                           output_logits, real_outputs, token_embedding)
 from flax_adapters.models.layers import LayerNorm, Linear
@@ -50,6 +51,12 @@ HF_NAMES = {"layers": "model.decoder.layers", "embed_tokens": "model.decoder.emb
             "final_layer_norm": "model.decoder.final_layer_norm",
             "project_in": "model.decoder.project_in", "project_out": "model.decoder.project_out",
             "lm_head": "lm_head.weight", "base_prefix": "model."}
+# The adapter methods' default targets on this family (adapters/targeting.py).
+PRESETS = Presets(
+    targets={"lora": ("q_proj", "v_proj"), "ia3": ("q_proj", "k_proj", "fc2"),
+             "ia3_feedforward": ("fc2",), "bottleneck": ("fc1", "fc2"), "adapterp": ("fc2",),
+             "parallel": ("q_proj", "k_proj", "v_proj")},
+    series_placement={"fc1": "input", "fc2": "output"})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_adapters.adapters.targeting import Presets
 from flax_adapters.models import bloom, gpt_neox, gptj, llama, opt
 from flax_adapters.models.config import SUPPORTED_MODEL_TYPES as LLAMA_TYPES
 from flax_adapters.models.config import LlamaConfig
@@ -28,16 +29,21 @@ from flax_adapters.models.decoder import init_cache
 class Family:
     config: type
     module: type[nn.Module]
-    hf_names: Mapping[str, Any]  # see checkpoints/hf.py
+    hf_names: Mapping[str, Any]  # see names.py
+    presets: Presets  # the adapter methods' default targets (adapters/targeting.py)
 
 
-_LLAMA = Family(LlamaConfig, llama.LlamaForCausalLM, llama.HF_NAMES)
+def _family(file: Any, config: type, module: type[nn.Module]) -> Family:
+    return Family(config, module, file.HF_NAMES, file.PRESETS)
+
+
+_LLAMA = _family(llama, LlamaConfig, llama.LlamaForCausalLM)
 FAMILIES: dict[str, Family] = {
     **{t: _LLAMA for t in LLAMA_TYPES},
-    "bloom": Family(bloom.BloomConfig, bloom.BloomForCausalLM, bloom.HF_NAMES),
-    "opt": Family(opt.OPTConfig, opt.OPTForCausalLM, opt.HF_NAMES),
-    "gptj": Family(gptj.GPTJConfig, gptj.GPTJForCausalLM, gptj.HF_NAMES),
-    "gpt_neox": Family(gpt_neox.GPTNeoXConfig, gpt_neox.GPTNeoXForCausalLM, gpt_neox.HF_NAMES),
+    "bloom": _family(bloom, bloom.BloomConfig, bloom.BloomForCausalLM),
+    "opt": _family(opt, opt.OPTConfig, opt.OPTForCausalLM),
+    "gptj": _family(gptj, gptj.GPTJConfig, gptj.GPTJForCausalLM),
+    "gpt_neox": _family(gpt_neox, gpt_neox.GPTNeoXConfig, gpt_neox.GPTNeoXForCausalLM),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 

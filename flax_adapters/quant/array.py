@@ -103,6 +103,13 @@ def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedArray)
 
 
+def quantized_leaves(tree: Any) -> list[str]:
+    """Paths ('a/b/kernel') of the quantized leaves of `tree`."""
+    return ["/".join(str(getattr(k, "key", k)) for k in path) for path, leaf in
+            jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
+            if is_quantized(leaf)]
+
+
 def stored_bytes(tree: Any) -> int:
     """Exact bytes of every array of `tree` (arrays, ShapeDtypeStructs, quantized or not)."""
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize

@@ -15,7 +15,7 @@ vocabulary (SmolLM2-135M: the tied 49152 x 576 table is 21% of the
 weights) that alone would be 40% of the bfloat16 model, so they are
 quantized by default here -- set `embeddings=False` to follow bitsandbytes.
 `skip` keeps modules in float, named as PEFT names modules (a plain
-suffix of the module name, as modules_to_save; see adapters/saved.py):
+suffix of the module name, as modules_to_save; see models/names.py):
 modules that are trained must not be quantized.
 
 Only the layers that read their weights through quant/array.py's ops can
@@ -30,8 +30,8 @@ from typing import Any
 
 import jax
 
-from flax_adapters.adapters import saved
-from flax_adapters.quant.array import KINDS, QuantizedArray, dequantize, is_quantized, quantize
+from flax_adapters.models import names
+from flax_adapters.quant.array import KINDS, dequantize, is_quantized, quantize
 
 # Top-level leaf -> the axis its blocks run along. Every family reads these
 # through models/decoder.py, i.e. quant.array.take (rows of the table: blocks
@@ -47,7 +47,7 @@ class QuantConfig:
     double_quant: bool = True  # nf4: quantize the absmax values too (QLoRA)
     embeddings: bool = True  # also the embedding table and output head
     skip: tuple[str, ...] = ()  # module names kept in float (PEFT-style suffixes)
-    model_type: str = "llama"  # whose module names `skip` matches (loading sets it)
+    model_type: str | None = None  # whose module names `skip` matches (loading sets it)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -61,8 +61,12 @@ class QuantConfig:
 
 def quant_axis(path: tuple[str, ...], cfg: QuantConfig) -> int | None:
     """The axis leaf `path` of a base tree is quantized along, or None to keep it."""
-    if saved.selects(cfg.skip, path, cfg.model_type):
-        return None
+    if cfg.skip:
+        if cfg.model_type is None:
+            raise ValueError("QuantConfig.skip names modules by their Hugging Face names, which "
+                             "depend on the model family: set QuantConfig.model_type")
+        if names.selects(cfg.skip, path, cfg.model_type):
+            return None
     if path[-1] == "kernel":
         return 0
     if len(path) == 1 and cfg.embeddings:
@@ -104,12 +108,3 @@ def dequantize_params(tree: Any, dtype: Any = None) -> Any:
 
 # Compiled once per shape: op-by-op dispatch of the unpacking is slow outside jit.
 _dequantize = jax.jit(dequantize, static_argnums=1)
-
-
-def quantized_leaves(tree: Any) -> list[str]:
-    """Paths ('a/b/kernel') of the quantized leaves of `tree`."""
-    out = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]:
-        if isinstance(leaf, QuantizedArray):
-            out.append("/".join(str(getattr(k, "key", k)) for k in path))
-    return out

@@ -1,4 +1,5 @@
-"""The train step: one module-level pure function, jitted once by the loop.
+"""The train step: one module-level pure function, jitted once by the caller
+(`python -m train`'s loop, the README tour, a notebook).
 
 It differentiates the trainable (adapter) tree only, so gradients and
 optimizer state are adapter-sized by construction; the frozen base is an
@@ -17,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flax_adapters.adapters.api import materialize
-from flax_adapters.adapters.tree import combine
+from flax_adapters import sharding
+from flax_adapters.api import materialize
+from flax_adapters.tree import combine
 
 Batch = dict[str, jax.Array]  # tokens int32, valid bool, loss_mask bool: (accum, micro, t)
 
@@ -47,6 +49,25 @@ def make_optimizer(lr: float, steps: int, warmup_steps: int, schedule: str, weig
     chain = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else []
     chain.append(optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay))
     return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=2**31 - 1)
+
+
+def optimizer_shardings(optimizer: optax.GradientTransformation, trainable: dict,
+                        trainable_shardings: dict, mesh) -> Any:
+    """Shardings of `optimizer.init(trainable)`: leaves that mirror a parameter
+    (Adam's mu, nu) shard like it; scalars (step counts) are replicated."""
+    by_path = {tuple(k.key for k in p): sh for p, sh in
+               jax.tree_util.tree_flatten_with_path(trainable_shardings)[0]}
+    abstract = jax.eval_shape(optimizer.init, trainable)
+
+    def pick(path, leaf):
+        keys = tuple(getattr(k, "key", None) for k in path)
+        for i in range(len(keys)):
+            sh = by_path.get(keys[i:])
+            if sh is not None and len(sh.spec) <= leaf.ndim:
+                return sh
+        return sharding.replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, abstract)
 
 
 def token_loss(model, params: dict, tokens_bt, valid_bt, loss_mask_bt, key, deterministic,

@@ -1,4 +1,5 @@
-"""Process-level settings of the entry points (`python -m train`, `python -m eval`).
+"""Process-level settings for entry points (`python -m train`, `python -m eval`, the
+benchmarks).
 
 Called explicitly from `main()`, never at import: library code sets nothing
 process-wide.
@@ -6,11 +7,10 @@ process-wide.
 Why `keep_freed_memory`: XLA:CPU allocates every activation buffer of a step
 with malloc and frees it at the end. glibc serves blocks above 128 KiB-32 MiB
 (its adaptive mmap threshold) with a fresh mmap and unmaps them on free, so
-each step page-faults its whole working set in again: 42.6M minor faults and
-17% of the CPU time in the kernel over the default 30-step run (measured
-2026-12-01 with /usr/bin/time). Serving them from the heap and never trimming
-it lets step k + 1 reuse step k's pages; the resident set stays at the
-high-water mark a step needs anyway.
+each step page-faults its whole working set in again (measured in commit
+c2289a0; `python -m bench.train_step --mallopt` compares both settings).
+Serving them from the heap and never trimming it lets step k + 1 reuse step
+k's pages; the resident set stays at the high-water mark a step needs anyway.
 """
 
 from __future__ import annotations
