@@ -26,16 +26,16 @@ import optax  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
 
-from flax_adapters.adapters import api, bottleneck  # noqa: E402
-from flax_adapters.adapters.bottleneck import BottleneckConfig  # noqa: E402
-from flax_adapters.adapters.tree import combine, num_params, split  # noqa: E402
+import flax_adapters as fa  # noqa: E402
+from flax_adapters import BottleneckConfig, combine, num_params, split  # noqa: E402
 from flax_adapters.checkpoints import load_pretrained  # noqa: E402
-from flax_adapters.checkpoints.hf import abstract_params  # noqa: E402
+from flax_adapters.models.registry import abstract_params  # noqa: E402
 from flax_adapters.models import LlamaForCausalLM  # noqa: E402
 from flax_adapters.models.config import LLAMA_7B  # noqa: E402
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             max_position_embeddings=256)
+MT = "llama"  # the tiny models' pre.config.model_type
 HEADS = {"mha": dict(num_attention_heads=4, num_key_value_heads=4),
          "gqa": dict(num_attention_heads=4, num_key_value_heads=2)}
 
@@ -68,7 +68,7 @@ def padded_batch():
 
 
 def logits(pre, tree, cfg, tokens, mask):
-    model = LlamaForCausalLM(pre.config, settings=api.settings_for(cfg))
+    model = LlamaForCausalLM(pre.config, settings=fa.settings_for(cfg, MT))
     out, _ = jax.jit(model.apply)({"params": tree}, jnp.asarray(tokens), jnp.asarray(mask, bool))
     return np.asarray(out)
 
@@ -125,11 +125,11 @@ def reference_logits(path, export_dir, tokens, mask):
 def test_logits_match_llm_adapters(tiny, tmp_path, heads, kind):
     path, pre = tiny[heads]
     cfg = KINDS[kind]
-    tree = bottleneck.init(pre.params, cfg, jax.random.key(1))
+    tree = fa.inject(pre.params, cfg, jax.random.key(1), MT)
     if cfg.scaling == "learned":  # a learned scale other than its initial 1
         tree = jax.tree_util.tree_map_with_path(
             lambda p, x: x * 0.7 if p[-1].key == "adapter_scaling" else x, tree)
-    bottleneck.export_bottleneck(tree, cfg, tmp_path / "export")
+    fa.save_adapter(tree, cfg, tmp_path / "export", MT)
     tokens, mask = padded_batch()
     ref = reference_logits(path, tmp_path / "export", tokens, mask)
     ours = logits(pre, tree, cfg, tokens, mask)
@@ -145,7 +145,7 @@ def test_logits_match_llm_adapters(tiny, tmp_path, heads, kind):
 def test_fresh_mam_adapter_is_identity(tiny, kind):
     _, pre = tiny["gqa"]
     cfg = BottleneckConfig(**{**KINDS[kind].__dict__, "init": "mam_adapter"})
-    tree = bottleneck.init(pre.params, cfg, jax.random.key(2))
+    tree = fa.inject(pre.params, cfg, jax.random.key(2), MT)
     tokens, mask = padded_batch()
     valid = mask.astype(bool)
     # up = 0 makes the adapter's output exactly 0; only XLA's fusion may differ.
@@ -159,20 +159,20 @@ def test_structure(tiny):
     def shapes(tree, layer="layers_1"):
         return jax.tree_util.tree_map(lambda x: tuple(x.shape), tree[layer])
 
-    h = shapes(bottleneck.init(pre.params, BottleneckConfig(bottleneck_size=8), jax.random.key(0)))
+    h = shapes(fa.inject(pre.params, BottleneckConfig(bottleneck_size=8), jax.random.key(0), MT))
     assert h["mlp"] == {
         "gate_proj": {"kernel": (64, 96), "adapter_down": (64, 8), "adapter_up": (8, 64)},
         "up_proj": {"kernel": (64, 96), "adapter_down": (64, 8), "adapter_up": (8, 64)},
         "down_proj": {"kernel": (96, 64), "adapter_down": (64, 8), "adapter_up": (8, 64)},
     }
     assert h["self_attn"]["q_proj"] == {"kernel": (64, 64)}
-    p = shapes(bottleneck.init(pre.params, BottleneckConfig(bottleneck_size=8, use_adapterp=True),
-                               jax.random.key(0)))
+    p = shapes(fa.inject(pre.params, BottleneckConfig(bottleneck_size=8, use_adapterp=True),
+                         jax.random.key(0), MT))
     assert p["mlp"]["down_proj"] == {"kernel": (96, 64), "adapter_down": (64, 8),
                                      "adapter_up": (8, 64)}
     assert p["mlp"]["gate_proj"] == {"kernel": (64, 96)}
-    par = shapes(bottleneck.init(pre.params, BottleneckConfig(
-        bottleneck_size=8, use_parallel_adapter=True, scaling="learned"), jax.random.key(0)))
+    par = shapes(fa.inject(pre.params, BottleneckConfig(
+        bottleneck_size=8, use_parallel_adapter=True, scaling="learned"), jax.random.key(0), MT))
     assert par["self_attn"]["k_proj"] == {"kernel": (64, 32), "adapter_down": (64, 8),
                                           "adapter_up": (8, 32), "adapter_scaling": (1,)}
     assert par["self_attn"]["o_proj"] == {"kernel": (64, 64)}
@@ -181,7 +181,7 @@ def test_structure(tiny):
 
 def test_bert_init_statistics(tiny):
     _, pre = tiny["gqa"]
-    tree = bottleneck.init(pre.params, BottleneckConfig(bottleneck_size=64), jax.random.key(0))
+    tree = fa.inject(pre.params, BottleneckConfig(bottleneck_size=64), jax.random.key(0), MT)
     leaves = tree["layers_0"]["mlp"]["gate_proj"]
     for name in ("adapter_down", "adapter_up"):  # LLM-Adapters' "bert": N(0, 0.02)
         assert abs(float(jnp.std(leaves[name])) - 0.02) < 0.002
@@ -191,10 +191,10 @@ def test_bert_init_statistics(tiny):
 def test_learned_scaling_is_trainable(tiny):
     _, pre = tiny["gqa"]
     cfg = KINDS["parallel"]
-    frozen, trainable = split(bottleneck.init(pre.params, cfg, jax.random.key(3)))
+    frozen, trainable = split(fa.inject(pre.params, cfg, jax.random.key(3), MT))
     assert trainable["layers_0"]["self_attn"]["q_proj"]["adapter_scaling"].shape == (1,)
     assert "adapter_scaling" not in frozen["layers_0"]["self_attn"]["q_proj"]
-    model = LlamaForCausalLM(pre.config, settings=api.settings_for(cfg))
+    model = LlamaForCausalLM(pre.config, settings=fa.settings_for(cfg, MT))
     tokens, _ = padded_batch()
 
     def loss(tr):
@@ -209,10 +209,10 @@ def test_learned_scaling_is_trainable(tiny):
 def test_export_import_round_trip(tiny, tmp_path):
     _, pre = tiny["gqa"]
     for kind, cfg in KINDS.items():
-        tree = bottleneck.init(pre.params, cfg, jax.random.key(4))
+        tree = fa.inject(pre.params, cfg, jax.random.key(4), MT)
         out = tmp_path / kind
-        bottleneck.export_bottleneck(tree, cfg, out)
-        bottleneck.export_bottleneck(tree, cfg, out)  # replacing an export is atomic too
+        fa.save_adapter(tree, cfg, out, MT)
+        fa.save_adapter(tree, cfg, out, MT)  # replacing an export is atomic too
         config = json.loads((out / "adapter_config.json").read_text())
         assert config["peft_type"] == "BOTTLENECK" and config["bias"] == "none"
         assert config["bottleneck_size"] == 16 and config["init_weights"] == "bert"
@@ -225,7 +225,7 @@ def test_export_import_round_trip(tiny, tmp_path):
                 for i in range(2) for w in ("down", "up")]
             assert keys["base_model.model.model.layers.0.mlp.down_proj.adapter_down.weight"
                         ].shape == (16, 64)  # torch layout (out, in)
-        back, cfg2 = bottleneck.import_bottleneck(out, pre.params)
+        back, cfg2 = fa.load_adapter(out, pre.params, MT)
         chex.assert_trees_all_equal(back, tree)
         assert dataclass_fields(cfg2, "target_modules") == dataclass_fields(cfg, "target_modules")
 
@@ -237,22 +237,22 @@ def dataclass_fields(cfg, *skip):
 def test_import_refuses_mismatch(tiny, tmp_path):
     _, pre_gqa = tiny["gqa"]
     cfg = KINDS["parallel"]
-    bottleneck.export_bottleneck(bottleneck.init(pre_gqa.params, cfg, jax.random.key(0)), cfg,
-                                 tmp_path / "a")
+    fa.save_adapter(fa.inject(pre_gqa.params, cfg, jax.random.key(0), MT), cfg,
+                    tmp_path / "a", MT)
     _, pre_mha = tiny["mha"]  # k_proj is 64 wide there, 32 in the export
-    with pytest.raises(ValueError, match="has shape"):
-        bottleneck.import_bottleneck(tmp_path / "a", pre_mha.params)
+    with pytest.raises(ValueError, match="k_proj/adapter_up: shape .* does not fit"):
+        fa.load_adapter(tmp_path / "a", pre_mha.params, MT)
 
 
 def test_errors(tiny):
     _, pre = tiny["gqa"]
     with pytest.raises(ValueError, match="series bottleneck adapter cannot go on"):
-        bottleneck.init(pre.params, BottleneckConfig(target_modules=["q_proj"]), jax.random.key(0))
+        fa.inject(pre.params, BottleneckConfig(target_modules=["q_proj"]), jax.random.key(0), MT)
     with pytest.raises(ValueError, match="non_linearity"):
         BottleneckConfig(non_linearity="softmax")
     with pytest.raises(ValueError, match="exclusive"):
         BottleneckConfig(use_adapterp=True, use_parallel_adapter=True)
-    tree = bottleneck.init(pre.params, BottleneckConfig(bottleneck_size=4), jax.random.key(0))
+    tree = fa.inject(pre.params, BottleneckConfig(bottleneck_size=4), jax.random.key(0), MT)
     with pytest.raises(ValueError, match="settings_for"):  # leaves but no placement: refuse
         LlamaForCausalLM(pre.config).apply({"params": tree}, jnp.zeros((1, 3), jnp.int32))
 
@@ -263,9 +263,9 @@ def test_can_overfit_and_base_is_untouched(tiny):
     # larger than ~1.3 whatever its input: scaled up, it can express a fit.
     base = {**pre.params, "lm_head": pre.params["lm_head"] * 25}
     cfg = BottleneckConfig(bottleneck_size=16, adapter_dropout=0.1)
-    frozen, trainable = split(bottleneck.init(base, cfg, jax.random.key(5)))
+    frozen, trainable = split(fa.inject(base, cfg, jax.random.key(5), MT))
     frozen_before = jax.tree_util.tree_map(np.array, frozen)
-    model = LlamaForCausalLM(pre.config, settings=api.settings_for(cfg))
+    model = LlamaForCausalLM(pre.config, settings=fa.settings_for(cfg, MT))
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 128, size=(2, 16)))
     opt = optax.adam(1e-2)
 
@@ -289,7 +289,7 @@ def test_can_overfit_and_base_is_untouched(tiny):
     chex.assert_trees_all_equal(frozen, frozen_before)  # the base, bit for bit
     changed = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
         lambda a, b: bool(jnp.any(a != b)), trainable,
-        split(bottleneck.init(base, cfg, jax.random.key(5))).trainable))
+        split(fa.inject(base, cfg, jax.random.key(5), MT)).trainable))
     assert all(changed)  # every adapter leaf trained
 
 
@@ -300,7 +300,7 @@ def test_llama7b_trainable_counts():
     for name, cfg in {"AdapterH": BottleneckConfig(),
                       "AdapterP": BottleneckConfig(use_adapterp=True),
                       "Parallel": BottleneckConfig(use_parallel_adapter=True)}.items():
-        tree = jax.eval_shape(lambda b, cfg=cfg: bottleneck.init(b, cfg, jax.random.key(0)), base)
+        tree = jax.eval_shape(lambda b, cfg=cfg: fa.inject(b, cfg, jax.random.key(0), MT), base)
         counts[name] = num_params(split(tree).trainable)
         print(f"LLaMA-7B {name} (bottleneck 256): {counts[name]:,} trainable parameters")
     # 3 adapters x (4096*256 + 256*4096) x 32 layers; AdapterP: 1 adapter per layer.

@@ -30,9 +30,15 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from flax_adapters.adapters import api, axes, dora, ia3, lora, peft_io, targeting  # noqa: E402
-from flax_adapters.adapters.tree import combine, num_params, split  # noqa: E402
-from flax_adapters.adapters.tree import get as tree_get  # noqa: E402
+import flax_adapters as fa  # noqa: E402
+from flax_adapters import split  # noqa: E402
+from flax_adapters import tree as tree_lib  # noqa: E402
+from flax_adapters.adapters import axes, dora, ia3, lora, targeting  # noqa: E402
+from flax_adapters.checkpoints.adapter import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
+from flax_adapters.models import names  # noqa: E402
+from flax_adapters.models.registry import family  # noqa: E402
+from flax_adapters.tree import combine, num_params  # noqa: E402
+from flax_adapters.tree import get as tree_get  # noqa: E402
 from flax_adapters.checkpoints import load_pretrained  # noqa: E402
 from flax_adapters.checkpoints.hf import abstract_params  # noqa: E402
 from flax_adapters.models import LlamaForCausalLM  # noqa: E402
@@ -55,6 +61,7 @@ CONFIGS = {
     "ia3": ia3.IA3Config(),
 }
 TOL = 1e-4
+MT = "llama"  # every tiny model here is a transformers LlamaConfig
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +106,7 @@ def theirs(model):
 
 def adapted(pre, method, seed=1):
     cfg = CONFIGS[method]
-    return perturb(api.inject(pre.params, cfg, jax.random.key(0)), seed), cfg
+    return perturb(fa.inject(pre.params, cfg, jax.random.key(0), pre.config.model_type), seed), cfg
 
 
 # --- parity with PEFT, both directions -----------------------------------
@@ -109,12 +116,12 @@ def adapted(pre, method, seed=1):
 def test_export_loads_in_peft_with_same_logits(tiny, tmp_path, method, variant):
     model, pre = tiny(variant)
     tree, cfg = adapted(pre, method)
-    out = peft_io.export_peft(split(tree).trainable, cfg, tmp_path / "adapter",
-                              base_model_name_or_path="tiny")
+    out = fa.save_adapter(split(tree).trainable, cfg, tmp_path / "adapter", MT,
+                          base_model_name_or_path="tiny")
     reference = theirs(peft.PeftModel.from_pretrained(copy.deepcopy(model), str(out)).eval())
-    mine = ours(pre, tree, api.settings_for(cfg))
+    mine = ours(pre, tree, fa.settings_for(cfg, MT))
     diff = np.abs(mine - reference).max()
-    moved = np.abs(mine - ours(pre, pre.params, api.settings_for(None))).max()
+    moved = np.abs(mine - ours(pre, pre.params, fa.settings_for(None, MT))).max()
     print(f"{method}/{variant}: max |ours - peft| = {diff:.2e} (adapter moves logits {moved:.2f})")
     assert moved > 1e-2, "the adapter should change the outputs, or the test proves nothing"
     assert diff <= TOL
@@ -151,12 +158,12 @@ def test_peft_saved_adapter_imports_with_same_logits(tiny, tmp_path, method, var
             if "lora_magnitude_vector" in n:
                 p.mul_(1 + 0.3 * torch.randn_like(p))
     pm.save_pretrained(tmp_path / "adapter")
-    tree, cfg = peft_io.import_peft(tmp_path / "adapter", pre.params)
+    tree, cfg = fa.load_adapter(tmp_path / "adapter", pre.params, MT)
     assert (cfg.target_modules, getattr(cfg, "use_dora", False)) == (
         IMPORTED_TARGETS[method], method == "dora")
     if method != "ia3":
         assert all(np.abs(x).max() > 0 for x in jax.tree.leaves(split(tree).trainable))
-    diff = np.abs(ours(pre, tree, api.settings_for(cfg)) - theirs(pm)).max()
+    diff = np.abs(ours(pre, tree, fa.settings_for(cfg, MT)) - theirs(pm)).max()
     print(f"{method}/{variant}: max |ours - peft| = {diff:.2e}")
     assert diff <= TOL
 
@@ -165,16 +172,16 @@ def test_dora_gradients_match_peft(tiny, tmp_path):
     """Gradients of A, B and m agree with PEFT's: the norm is detached alike."""
     model, pre = tiny("gqa")
     cfg = lora.LoraConfig(r=4, alpha=8, use_dora=True, target_modules=("q_proj", "down_proj"))
-    tree = perturb(api.inject(pre.params, cfg, jax.random.key(0)))
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(peft_io.export_peft(
-        tree, cfg, tmp_path / "a")), is_trainable=True)
+    tree = perturb(fa.inject(pre.params, cfg, jax.random.key(0), pre.config.model_type))
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(fa.save_adapter(
+        tree, cfg, tmp_path / "a", MT)), is_trainable=True)
     pm.train()  # dropout is 0: PEFT takes its "reuse the base output" branch, as we do
     tokens, mask = batch()
     valid = torch.tensor(mask).bool()
     logits = pm(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits
     (logits[valid] ** 2).mean().backward()
     frozen, trainable = split(tree)
-    model_j = LlamaForCausalLM(pre.config, settings=api.settings_for(cfg))
+    model_j = LlamaForCausalLM(pre.config, settings=fa.settings_for(cfg, MT))
 
     def loss(tr):
         out, _ = model_j.apply({"params": combine(frozen, tr)}, jnp.asarray(tokens),
@@ -186,7 +193,7 @@ def test_dora_gradients_match_peft(tiny, tmp_path):
         g = grads
         for k in site.split("/"):
             g = g[k]
-        prefix = "base_model.model." + peft_io.module_name(site)
+        prefix = "base_model.model." + names.module_name(site, MT)
         pairs = [(g["lora_a"], torch_grads[prefix + ".lora_A.default.weight"].T),
                  (g["lora_b"], torch_grads[prefix + ".lora_B.default.weight"].T),
                  (g["lora_magnitude"],
@@ -202,25 +209,25 @@ def test_dora_gradients_match_peft(tiny, tmp_path):
 def test_fresh_adapter_leaves_outputs_unchanged(tiny, method):
     _, pre = tiny("gqa")
     cfg = CONFIGS[method]
-    tree = api.inject(pre.params, cfg, jax.random.key(0))
+    tree = fa.inject(pre.params, cfg, jax.random.key(0), pre.config.model_type)
     # B = 0, m = ||W|| (so m / n is exactly 1), l = 1: exact up to the
     # additions of zeros, hence a tolerance at float32 resolution.
-    np.testing.assert_allclose(ours(pre, tree, api.settings_for(cfg)),
-                               ours(pre, pre.params, api.settings_for(None)), atol=1e-6)
+    np.testing.assert_allclose(ours(pre, tree, fa.settings_for(cfg, MT)),
+                               ours(pre, pre.params, fa.settings_for(None, MT)), atol=1e-6)
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_merged_equals_unmerged_and_unmerge_inverts_merge(tiny, method):
     _, pre = tiny("gqa")
     tree, cfg = adapted(pre, method)
-    merged = api.merge(tree, cfg)
+    merged = fa.merge(tree, cfg)
     assert split(merged).trainable == {}, "merge must return a plain base tree"
     assert jax.tree.structure(merged) == jax.tree.structure(pre.params)
     # Merging changes only the summation order: ~1e-6 on logits.
-    np.testing.assert_allclose(ours(pre, merged, api.settings_for(None)),
-                               ours(pre, tree, api.settings_for(cfg)), atol=1e-5)
-    norms = dora.weight_norms(tree, cfg) if method == "dora" else None
-    back = api.unmerge(merged, split(tree).trainable, cfg, dora_norms=norms)
+    np.testing.assert_allclose(ours(pre, merged, fa.settings_for(None, MT)),
+                               ours(pre, tree, fa.settings_for(cfg, MT)), atol=1e-5)
+    norms = fa.api.dora_norms(tree, cfg) if method == "dora" else None
+    back = fa.unmerge(merged, split(tree).trainable, cfg, dora_norms=norms)
     chex.assert_trees_all_equal_structs(back, tree)
     chex.assert_trees_all_close(back, tree, atol=1e-6)  # float32 rounding of W + d - d
     chex.assert_trees_all_equal(split(back).trainable, split(tree).trainable)
@@ -229,8 +236,8 @@ def test_merged_equals_unmerged_and_unmerge_inverts_merge(tiny, method):
 def test_dora_unmerge_without_norms_says_what_to_pass(tiny):
     _, pre = tiny("gqa")
     tree, cfg = adapted(pre, "dora")
-    with pytest.raises(ValueError, match="dora.weight_norms"):
-        api.unmerge(api.merge(tree, cfg), tree, cfg)
+    with pytest.raises(ValueError, match=r"api\.dora_norms\(tree, cfg\)"):
+        fa.unmerge(fa.merge(tree, cfg), tree, cfg)
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
@@ -253,23 +260,23 @@ def _adapter_shapes(tree):
 def test_tree_structure_matches_literal_spec(tiny):
     _, pre = tiny("gqa")  # d=64, 4 heads of 16, 2 kv heads (32), MLP 96, 2 layers
     base = pre.params
-    got = _adapter_shapes(api.inject(base, lora.LoraConfig(r=4), jax.random.key(0)))
+    got = _adapter_shapes(fa.inject(base, lora.LoraConfig(r=4), jax.random.key(0), MT))
     assert got == {
         "layers_0/self_attn/q_proj/lora_a": (64, 4), "layers_0/self_attn/q_proj/lora_b": (4, 64),
         "layers_0/self_attn/v_proj/lora_a": (64, 4), "layers_0/self_attn/v_proj/lora_b": (4, 32),
         "layers_1/self_attn/q_proj/lora_a": (64, 4), "layers_1/self_attn/q_proj/lora_b": (4, 64),
         "layers_1/self_attn/v_proj/lora_a": (64, 4), "layers_1/self_attn/v_proj/lora_b": (4, 32),
     }
-    got = _adapter_shapes(api.inject(base, lora.LoraConfig(r=2, use_dora=True,
-                                                           target_modules=["o_proj"]),
-                                     jax.random.key(0)))
+    got = _adapter_shapes(fa.inject(base, lora.LoraConfig(r=2, use_dora=True,
+                                                          target_modules=["o_proj"]),
+                                    jax.random.key(0), MT))
     assert got == {
         "layers_0/self_attn/o_proj/lora_a": (64, 2), "layers_0/self_attn/o_proj/lora_b": (2, 64),
         "layers_0/self_attn/o_proj/lora_magnitude": (64,),
         "layers_1/self_attn/o_proj/lora_a": (64, 2), "layers_1/self_attn/o_proj/lora_b": (2, 64),
         "layers_1/self_attn/o_proj/lora_magnitude": (64,),
     }
-    got = _adapter_shapes(api.inject(base, ia3.IA3Config(), jax.random.key(0)))
+    got = _adapter_shapes(fa.inject(base, ia3.IA3Config(), jax.random.key(0), MT))
     assert got == {
         "layers_0/self_attn/k_proj/ia3": (1, 32), "layers_0/self_attn/v_proj/ia3": (1, 32),
         "layers_0/mlp/down_proj/ia3": (96, 1),
@@ -297,8 +304,8 @@ def test_can_overfit_with_only_adapter_leaves_trainable(tiny):
     base = {**pre.params, "lm_head": 20 * pre.params["lm_head"]}
     base_copy = jax.tree.map(np.array, base)
     cfg = lora.LoraConfig(r=8, alpha=16, target_modules="all-linear")
-    frozen, trainable = split(api.inject(base, cfg, jax.random.key(0)))
-    model = LlamaForCausalLM(pre.config, settings=api.settings_for(cfg))
+    frozen, trainable = split(fa.inject(base, cfg, jax.random.key(0), MT))
+    model = LlamaForCausalLM(pre.config, settings=fa.settings_for(cfg, MT))
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, 128, (4, 16)))
     targets = jnp.asarray(rng.permutation(128))[tokens]  # position t must say perm[token_t]
@@ -343,21 +350,21 @@ def test_training_step_never_forms_the_delta(tiny, method):
     sites = ("q_proj", "v_proj", "down_proj")  # kernels (64, 64), (64, 32), (96, 64)
     cfg = lora.LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=sites,
                           use_dora=method == "dora")
-    frozen, trainable = split(api.inject(pre.params, cfg, jax.random.key(0)))
+    frozen, trainable = split(fa.inject(pre.params, cfg, jax.random.key(0), MT))
     # b * t = 14 is no kernel dimension, so activations cannot be mistaken.
     tokens = jnp.zeros((2, 7), jnp.int32)
     kernel_shapes = [tree_get(pre.params, s)["kernel"].shape
                      for s in targeting.resolve(pre.params, sites)]
 
     def adapter_step(tr, fr):
-        logits, _ = LlamaForCausalLM(pre.config, settings=api.settings_for(cfg)).apply(
+        logits, _ = LlamaForCausalLM(pre.config, settings=fa.settings_for(cfg, MT)).apply(
             {"params": combine(fr, tr)}, tokens, deterministic=False,
             rngs={"dropout": jax.random.key(1)})
         return jnp.mean(logits ** 2)
 
     def merged_step(tr, fr):  # the implementation we must not have
         logits, _ = LlamaForCausalLM(pre.config).apply(
-            {"params": api.merge(combine(fr, tr), cfg)}, tokens)
+            {"params": fa.merge(combine(fr, tr), cfg)}, tokens)
         return jnp.mean(logits ** 2)
 
     def hlo(fn):
@@ -373,7 +380,8 @@ def test_trainable_counts_on_llama_7b_shapes():
     abstract = abstract_params(LLAMA_7B)
 
     def count(cfg):
-        shapes = jax.eval_shape(lambda b: api.inject(b, cfg, jax.random.key(0)), abstract)
+        shapes = jax.eval_shape(
+            lambda b: fa.inject(b, cfg, jax.random.key(0), LLAMA_7B.model_type), abstract)
         return num_params(split(shapes).trainable)
     counts = {
         "lora r=8 q,v": count(lora.LoraConfig(r=8)),
@@ -402,7 +410,7 @@ def test_targeting_specs(tiny):
     assert targeting.resolve(base, r"layers_1/mlp/(up|down)_proj") == [
         "layers_1/mlp/down_proj", "layers_1/mlp/up_proj"]  # tree (sorted) order
     assert len(targeting.resolve(base, "all-linear")) == 2 * 7
-    assert targeting.resolve(base, targeting.preset("llama", "ia3")) == [
+    assert targeting.resolve(base, family(MT).presets.target("ia3")) == [
         f"layers_{i}/{m}" for i in (0, 1)
         for m in ("mlp/down_proj", "self_attn/k_proj", "self_attn/v_proj")]
     with pytest.raises(ValueError, match=r"match no site.*'q_proj'"):
@@ -410,7 +418,7 @@ def test_targeting_specs(tiny):
     with pytest.raises(ValueError, match=r"match no site.*'up_proj'"):
         targeting.resolve(base, r"layers_9/.*")
     with pytest.raises(ValueError, match="match no site"):
-        api.inject(base, lora.LoraConfig(target_modules=["attn.c_attn"]), jax.random.key(0))
+        fa.inject(base, lora.LoraConfig(target_modules=["attn.c_attn"]), jax.random.key(0), MT)
 
 
 # --- sharding axes -------------------------------------------------------
@@ -420,9 +428,9 @@ def test_adapter_axes_follow_the_kernel(tiny):
     abstract = jax.eval_shape(lambda: LlamaForCausalLM(pre.config).init(
         jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
     base_axes = nn.get_partition_spec(abstract)
-    tree = api.inject(api.inject(pre.params, CONFIGS["dora"], jax.random.key(0)),
-                      ia3.IA3Config(target_modules=["k_proj", "down_proj"],
-                                    feedforward_modules=["down_proj"]), jax.random.key(0))
+    tree = fa.inject(fa.inject(pre.params, CONFIGS["dora"], jax.random.key(0), MT),
+                     ia3.IA3Config(target_modules=["k_proj", "down_proj"],
+                                   feedforward_modules=["down_proj"]), jax.random.key(0), MT)
     got = axes.adapter_axes(tree, base_axes)
     q, k, down = (got["layers_0"]["self_attn"]["q_proj"], got["layers_0"]["self_attn"]["k_proj"],
                   got["layers_0"]["mlp"]["down_proj"])
@@ -432,7 +440,7 @@ def test_adapter_axes_follow_the_kernel(tiny):
     assert got["embed_tokens"] == ("vocab", "embed")
     # The trainable part alone gets the same axes; every leaf has one per dim.
     trainable = split(tree).trainable
-    assert axes.adapter_axes(trainable, base_axes) == split(got, lambda p: p[-1] not in (
+    assert axes.adapter_axes(trainable, base_axes) == tree_lib.split(got, lambda p: p[-1] not in (
         "kernel", "bias", "scale", "embed_tokens", "lm_head")).trainable
     for path, x in jax.tree_util.tree_flatten_with_path(trainable)[0]:
         node = got
@@ -450,14 +458,14 @@ def test_named_adapters_share_one_base(tiny):
         tree, cfg = adapted(pre, name)
         adapters[name] = (cfg, split(tree).trainable)
     for name, (cfg, trainable) in adapters.items():
-        tree, settings = api.activate(pre.params, adapters, name)
-        assert settings == api.settings_for(cfg)
+        tree, settings = fa.activate(pre.params, adapters, name, MT)
+        assert settings == fa.settings_for(cfg, MT)
         np.testing.assert_array_equal(ours(pre, tree, settings),
                                       ours(pre, combine(pre.params, trainable), settings))
-    a, b = (ours(pre, *api.activate(pre.params, adapters, n)) for n in ("lora", "ia3"))
+    a, b = (ours(pre, *fa.activate(pre.params, adapters, n, MT)) for n in ("lora", "ia3"))
     assert np.abs(a - b).max() > 1e-2
     with pytest.raises(KeyError, match="'ia3', 'lora'"):
-        api.activate(pre.params, adapters, "nope")
+        fa.activate(pre.params, adapters, "nope", MT)
 
 
 # --- the PEFT files ------------------------------------------------------
@@ -466,13 +474,13 @@ def test_export_replaces_an_existing_export_whole(tiny, tmp_path):
     _, pre = tiny("gqa")
     tree, cfg = adapted(pre, "lora")
     out = tmp_path / "adapter"
-    peft_io.export_peft(tree, cfg, out)
+    fa.save_adapter(tree, cfg, out, MT)
     (out / "stale.txt").write_text("from an older export")
     tree2, cfg2 = adapted(pre, "ia3")
-    peft_io.export_peft(tree2, cfg2, out)
+    fa.save_adapter(tree2, cfg2, out, MT)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp dirs left
-    assert sorted(p.name for p in out.iterdir()) == [peft_io.CONFIG_NAME, peft_io.WEIGHTS_NAME]
-    config = json.loads((out / peft_io.CONFIG_NAME).read_text())
+    assert sorted(p.name for p in out.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    config = json.loads((out / CONFIG_NAME).read_text())
     assert config["peft_type"] == "IA3" and config["feedforward_modules"] == ["down_proj"]
 
 
@@ -482,12 +490,13 @@ def test_import_refuses_pickles_and_unknown_types(tiny, tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     (tmp_path / "a" / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(ValueError, match="pickled adapter.*refused"):
-        peft_io.import_peft(tmp_path / "a", pre.params)
+        fa.load_adapter(tmp_path / "a", pre.params, MT)
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"peft_type": "VERA"}))
-    with pytest.raises(ValueError, match="'VERA' is not supported; supported: LORA, IA3"):
-        peft_io.import_peft(tmp_path / "a", pre.params)
+    with pytest.raises(ValueError, match="'VERA' is not supported; supported: BOTTLENECK, IA3, "
+                       "LORA, PREFIX_TUNING, PROMPT_TUNING, P_TUNING"):
+        fa.load_adapter(tmp_path / "a", pre.params, MT)
     tree, cfg = adapted(pre, "lora")
-    peft_io.export_peft(tree, cfg, tmp_path / "b")
+    fa.save_adapter(tree, cfg, tmp_path / "b", MT)
     mha_base = tiny("mha")[1].params  # v_proj is (64, 64) there, (64, 32) here
     with pytest.raises(ValueError, match="v_proj/lora_b: shape .* does not fit"):
-        peft_io.import_peft(tmp_path / "b", mha_base)
+        fa.load_adapter(tmp_path / "b", mha_base, MT)

@@ -25,15 +25,17 @@ import chex  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from flax_adapters.adapters import api, peft_io, prefix, prompt  # noqa: E402
-from flax_adapters.adapters.tree import num_params, split  # noqa: E402
+import flax_adapters as fa  # noqa: E402
+from flax_adapters import num_params, split  # noqa: E402
+from flax_adapters.adapters import prefix, prompt  # noqa: E402
 from flax_adapters.checkpoints import load_pretrained  # noqa: E402
-from flax_adapters.checkpoints.hf import abstract_params  # noqa: E402
+from flax_adapters.models.registry import abstract_params  # noqa: E402
 from flax_adapters.models import LlamaForCausalLM, init_cache  # noqa: E402
 from flax_adapters.models.config import LLAMA_7B  # noqa: E402
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             max_position_embeddings=256)
+MT = "llama"  # the tiny models' pre.config.model_type
 HEADS = {"mha": dict(num_attention_heads=4, num_key_value_heads=4),
          "gqa": dict(num_attention_heads=4, num_key_value_heads=2)}
 P = 5
@@ -85,11 +87,11 @@ def peft_logits(model, is_prefix, tokens, mask):
 
 
 def our_logits(pre, tree, cfg, tokens, mask, peft_positions):
-    model = LlamaForCausalLM(pre.config, settings=api.settings_for(cfg))
+    model = LlamaForCausalLM(pre.config, settings=fa.settings_for(cfg, MT))
     kwargs = {}
     if peft_positions and not isinstance(cfg, prefix.PrefixConfig):
         kwargs["positions_bt"] = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    out, _ = jax.jit(model.apply)({"params": api.materialize(tree)}, jnp.asarray(tokens),
+    out, _ = jax.jit(model.apply)({"params": fa.materialize(tree)}, jnp.asarray(tokens),
                                   jnp.asarray(mask, bool), **kwargs)
     return np.asarray(out)
 
@@ -126,7 +128,7 @@ def test_matches_peft(tiny, tmp_path, heads, method):
 
     # PEFT-saved adapter -> ours (a reparameterised one arrives folded, as PEFT saves it).
     pm.save_pretrained(tmp_path / "peft")
-    tree, cfg = peft_io.import_peft(tmp_path / "peft", pre.params)
+    tree, cfg = fa.load_adapter(tmp_path / "peft", pre.params, MT)
     assert type(cfg) is type(OURS[method])
     ours = our_logits(pre, tree, cfg, tokens, mask, peft_positions=True)
     diffs = {"import": np.abs(ours[valid] - ref[valid]).max()}
@@ -141,7 +143,7 @@ def test_matches_peft(tiny, tmp_path, heads, method):
         diffs["encoder"] = np.abs(ours[valid] - ref[valid]).max()
 
     # Ours -> PEFT: PeftModel.from_pretrained loads our export.
-    peft_io.export_peft(tree, cfg, tmp_path / "ours")
+    fa.save_adapter(tree, cfg, tmp_path / "ours", MT)
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert config["peft_type"] == pm.peft_config["default"].peft_type.value
     assert config["num_virtual_tokens"] == P
@@ -157,8 +159,8 @@ def test_matches_peft(tiny, tmp_path, heads, method):
 def test_cached_decode_equals_full(tiny, method):
     _, pre = tiny["gqa"]
     cfg = OURS[method]
-    tree = api.materialize(api.inject(pre.params, cfg, jax.random.key(0)))
-    model = LlamaForCausalLM(pre.config, settings=api.settings_for(cfg))
+    tree = fa.materialize(fa.inject(pre.params, cfg, jax.random.key(0), MT))
+    model = LlamaForCausalLM(pre.config, settings=fa.settings_for(cfg, MT))
     apply = jax.jit(model.apply)
     tokens, mask = padded_batch()
     variables = {"params": tree}
@@ -187,8 +189,8 @@ def test_generate_equals_greedy_recomputation(tiny, method):
 
     _, pre = tiny["gqa"]
     cfg = OURS[method]
-    tree = api.inject(pre.params, cfg, jax.random.key(0))
-    model = LlamaForCausalLM(pre.config, settings=api.settings_for(cfg))
+    tree = fa.inject(pre.params, cfg, jax.random.key(0), MT)
+    model = LlamaForCausalLM(pre.config, settings=fa.settings_for(cfg, MT))
     prompts = [[5, 17, 99, 3, 42], [7, 8]]
     new = generate(model, tree, prompts, GenerationConfig(max_new_tokens=4, eos_token_ids=()))
     # Greedy by full recomputation, rows left-padded to one width (one compile).
@@ -222,7 +224,7 @@ def test_prompt_text_init_matches_peft(tiny, tmp_path):
         want = pm.prompt_encoder["default"].embedding.weight.detach().numpy()
         cfg = prompt.PromptTuningConfig(num_virtual_tokens=P, init="text", init_text=text,
                                         tokenizer_name_or_path=str(tmp_path / "tok"))
-        ours = api.inject(pre.params, cfg, jax.random.key(0))["prompt_embeddings"]
+        ours = fa.inject(pre.params, cfg, jax.random.key(0), MT)["prompt_embeddings"]
         np.testing.assert_array_equal(np.asarray(ours), want)
     assert prompt.text_token_ids([3, 7, 9], P) == [3, 7, 9, 3, 7]
 
@@ -231,7 +233,7 @@ def test_structure(tiny):
     _, pre = tiny["gqa"]  # d=64, kv width 32, 2 layers
 
     def shapes(cfg):
-        adapter = split(api.inject(pre.params, cfg, jax.random.key(0))).trainable
+        adapter = split(fa.inject(pre.params, cfg, jax.random.key(0), MT)).trainable
         return jax.tree_util.tree_map(lambda x: tuple(x.shape), adapter)
 
     assert shapes(OURS["prompt"]) == {"prompt_embeddings": (P, 64)}
@@ -246,9 +248,10 @@ def test_structure(tiny):
         "embedding": (P, 32), "dense_in": (32, 24), "dense_in_bias": (24,),
         "dense_out": (24, 2 * 2 * 32), "dense_out_bias": (2 * 2 * 32,)}}
     # materialize works on the bare trainable part too, as a loss function uses it.
-    encoder = split(api.inject(pre.params, OURS["prefix_projection"], jax.random.key(0))).trainable
-    assert jax.tree_util.tree_map(lambda x: tuple(x.shape), api.materialize(encoder)) == plain
-    folded = prompt.fold(api.inject(pre.params, OURS["p_tuning"], jax.random.key(0)))
+    encoder = split(fa.inject(pre.params, OURS["prefix_projection"], jax.random.key(0),
+                              MT)).trainable
+    assert jax.tree_util.tree_map(lambda x: tuple(x.shape), fa.materialize(encoder)) == plain
+    folded = prompt.fold(fa.inject(pre.params, OURS["p_tuning"], jax.random.key(0), MT))
     assert folded["prompt_embeddings"].shape == (P, 64) and "prompt_encoder" not in folded
 
 
@@ -264,11 +267,11 @@ def test_flat_prefix_round_trip(tiny):
 def test_errors(tiny, tmp_path):
     path, pre = tiny["gqa"]
     tokens = jnp.zeros((1, 3), jnp.int32)
-    encoder = api.inject(pre.params, OURS["prefix_projection"], jax.random.key(0))
-    model = LlamaForCausalLM(pre.config, settings=api.settings_for(OURS["prefix_projection"]))
+    encoder = fa.inject(pre.params, OURS["prefix_projection"], jax.random.key(0), MT)
+    model = LlamaForCausalLM(pre.config, settings=fa.settings_for(OURS["prefix_projection"], MT))
     with pytest.raises(ValueError, match="materialize"):
         model.apply({"params": encoder}, tokens)
-    plain = api.inject(pre.params, OURS["prefix"], jax.random.key(0))
+    plain = fa.inject(pre.params, OURS["prefix"], jax.random.key(0), MT)
     with pytest.raises(ValueError, match="settings_for"):  # positions would be wrong
         LlamaForCausalLM(pre.config).apply({"params": plain}, tokens)
     with pytest.raises(ValueError, match="LSTM"):
@@ -279,7 +282,7 @@ def test_errors(tiny, tmp_path):
                              PEFT_CONFIGS["prefix"]())
     pm.save_pretrained(tmp_path / "mha_prefix")
     with pytest.raises(ValueError, match="another model"):
-        peft_io.import_peft(tmp_path / "mha_prefix", pre.params)
+        fa.load_adapter(tmp_path / "mha_prefix", pre.params, MT)
 
 
 def test_llama7b_trainable_counts():
@@ -288,7 +291,7 @@ def test_llama7b_trainable_counts():
     for name, cfg in {"prefix (30 tokens)": prefix.PrefixConfig(num_virtual_tokens=30),
                       "prompt (20 tokens)": prompt.PromptTuningConfig(num_virtual_tokens=20),
                       "p-tuning (20 tokens)": prompt.PTuningConfig(num_virtual_tokens=20)}.items():
-        tree = jax.eval_shape(lambda b, cfg=cfg: api.inject(b, cfg, jax.random.key(0)), base)
+        tree = jax.eval_shape(lambda b, cfg=cfg: fa.inject(b, cfg, jax.random.key(0), MT), base)
         counts[name] = num_params(split(tree).trainable)
         print(f"LLaMA-7B {name}: {counts[name]:,} trainable parameters")
     assert counts["prefix (30 tokens)"] == 30 * 32 * 2 * 4096  # 7,864,320

@@ -16,6 +16,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from eval import prompts
 from train import arith, data
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -26,7 +27,8 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 @pytest.fixture(scope="module")
 def tok():
     train, test = arith.make_split(300, 50, seed=0)
-    corpus = [data.generate_prompt(r, t) for r in train + test for t in ("alpaca", "llm_adapters")]
+    corpus = [prompts.generate_prompt(r, t) for r in train + test
+              for t in ("alpaca", "llm_adapters")]
     corpus += ["Below is an instruction that describes a task, paired with an input that "
                "provides further context. ### Input: user assistant"]
     specials = ["<unk>", "<pad>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -53,10 +55,10 @@ def rec(instruction="Add 2 and 3.", output="2 + 3 = 5. The answer is 5.", input=
 
 
 def test_alpaca_template_exact():
-    assert data.prompt_for_eval(rec("Q?")) == (
+    assert prompts.prompt_for_eval(rec("Q?")) == (
         "Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.\n\n### Instruction:\nQ?\n\n### Response:\n")
-    assert data.prompt_for_eval(rec("Q?", input="ctx")) == (
+    assert prompts.prompt_for_eval(rec("Q?", input="ctx")) == (
         "Below is an instruction that describes a task, paired with an input that provides "
         "further context. Write a response that appropriately completes the request.\n\n"
         "### Instruction:\nQ?\n\n### Input:\nctx\n\n### Response:\n")
@@ -66,12 +68,12 @@ def test_llm_adapters_template_verbatim():
     # finetune.py's f-string: 16 spaces of source indentation on every line after
     # the first, blank lines of 16 spaces, 1 (input) / 2 (no input) trailing spaces.
     pad = "                "
-    assert data.generate_prompt(rec("Q?", "A."), "llm_adapters") == (
+    assert prompts.generate_prompt(rec("Q?", "A."), "llm_adapters") == (
         "Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.  \n\n"
         + pad + "### Instruction:\n" + pad + "Q?\n" + pad + "\n"
         + pad + "### Response:\n" + pad + "A.")
-    assert data.generate_prompt(rec("Q?", "A.", input="ctx"), "llm_adapters") == (
+    assert prompts.generate_prompt(rec("Q?", "A.", input="ctx"), "llm_adapters") == (
         "Below is an instruction that describes a task, paired with an input that provides "
         "further context. Write a response that appropriately completes the request. \n\n"
         + pad + "### Instruction:\n" + pad + "Q?\n" + pad + "\n"
@@ -79,22 +81,22 @@ def test_llm_adapters_template_verbatim():
         + pad + "### Response:\n" + pad + "A.")
 
 
-@pytest.mark.parametrize("template", data.TEMPLATES)
+@pytest.mark.parametrize("template", prompts.TEMPLATES)
 def test_training_text_is_eval_prompt_plus_output(tok, template):
     r = rec(input="ctx")
-    prompt = data.prompt_for_eval(r, template, tok)
-    assert data.generate_prompt(r, template, tok) == prompt + r["output"]
+    prompt = prompts.prompt_for_eval(r, template, tok)
+    assert prompts.generate_prompt(r, template, tok) == prompt + r["output"]
     assert r["output"] not in prompt
 
 
 def test_chat_template(tok):
-    prompt = data.prompt_for_eval(rec("Q?", input="ctx"), "chat", tok)
+    prompt = prompts.prompt_for_eval(rec("Q?", input="ctx"), "chat", tok)
     assert prompt == "<|im_start|>user\nQ?\n\nctx<|im_end|>\n<|im_start|>assistant\n"
-    assert not data.add_special_tokens("chat") and data.add_special_tokens("alpaca")
+    assert not prompts.add_special_tokens("chat") and prompts.add_special_tokens("alpaca")
     with pytest.raises(ValueError, match="chat template"):
-        data.prompt_for_eval(rec(), "chat", None)
+        prompts.prompt_for_eval(rec(), "chat", None)
     with pytest.raises(ValueError, match="unknown prompt template"):
-        data.prompt_for_eval(rec(), "vicuna")
+        prompts.prompt_for_eval(rec(), "vicuna")
 
 # ---------------------------------------------------------------------- tokenize
 
@@ -106,7 +108,7 @@ def test_prompt_masking(tok, records, train_on_inputs):
     batch = data.collate(out.examples, 128, tok.pad_token_id, n_rows=10)
     for r, (record, ex) in enumerate(zip(records, out.examples)):
         n = len(ex.tokens)
-        n_prompt = len(data.encode_prompt(record, tok))
+        n_prompt = len(prompts.encode_prompt(record, tok))
         targets = np.flatnonzero(batch["loss_mask"][r]) + 1  # the tokens predicted
         first = n_prompt if not train_on_inputs else 1
         np.testing.assert_array_equal(targets, np.arange(first, n))

@@ -218,7 +218,7 @@ def test_adapter_for_another_base_names_shapes(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from eval.run import load_generator
+    from eval.generator import load_generator
 
     def save_tiny(hidden, path):
         torch.manual_seed(0)

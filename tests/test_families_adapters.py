@@ -21,11 +21,13 @@ pytest.importorskip("torch")
 from families import FAMILIES, VOCAB, save_tiny  # noqa: E402
 from tiny import padded_batch  # noqa: E402
 
-from flax_adapters.adapters import api, bottleneck, ia3, lora, prefix, prompt  # noqa: E402
-from flax_adapters.adapters.tree import combine, split  # noqa: E402
+import flax_adapters as fa  # noqa: E402
+from flax_adapters import combine, split  # noqa: E402
+from flax_adapters.adapters import bottleneck, ia3, lora, prefix, prompt  # noqa: E402
 from flax_adapters.checkpoints import load_pretrained  # noqa: E402
+from flax_adapters.checkpoints.adapter import WEIGHTS_NAME  # noqa: E402
 from flax_adapters.models import init_cache, model_class  # noqa: E402
-from train.step import token_loss  # noqa: E402
+from flax_adapters.step import token_loss  # noqa: E402
 
 # method -> (config, whether a fresh adapter is the identity)
 METHODS = {
@@ -62,7 +64,7 @@ def tiny(tmp_path_factory):
 
 
 def model_for(pre, cfg):
-    return model_class(pre.config)(pre.config, settings=api.settings_for(
+    return model_class(pre.config)(pre.config, settings=fa.settings_for(
         cfg, pre.config.model_type))
 
 
@@ -70,7 +72,7 @@ def forward(pre, cfg):
     """params -> logits at the valid positions of the padded batch."""
     tokens, mask = padded_batch(VOCAB)
     model = model_for(pre, cfg)
-    return lambda params: model.apply({"params": api.materialize(params)}, jnp.asarray(tokens),
+    return lambda params: model.apply({"params": fa.materialize(params)}, jnp.asarray(tokens),
                                       jnp.asarray(mask, bool))[0][mask.astype(bool)]
 
 
@@ -79,7 +81,7 @@ def forward(pre, cfg):
 def test_every_method_runs_and_trains_only_adapter_leaves(tiny, name, method):
     pre, base_logits = tiny(name)
     cfg, identity = METHODS[method]
-    tree = api.inject(pre.params, cfg, jax.random.key(0), pre.config.model_type)
+    tree = fa.inject(pre.params, cfg, jax.random.key(0), pre.config.model_type)
     frozen, trainable = split(tree)
     assert trainable, "the method added no adapter leaves"
     model, fresh_logits = model_for(pre, cfg), forward(pre, cfg)
@@ -120,7 +122,7 @@ def test_prompt_and_prefix_decode_through_the_cache(tiny, name, method):
     takes cache slots on the first call; the prefix is prepended each call)."""
     pre, _ = tiny(name)
     cfg = METHODS[method][0]
-    tree = api.inject(pre.params, cfg, jax.random.key(0), pre.config.model_type)
+    tree = fa.inject(pre.params, cfg, jax.random.key(0), pre.config.model_type)
     model = model_for(pre, cfg)
     apply = jax.jit(model.apply)
     tokens, mask = padded_batch(VOCAB)
@@ -164,12 +166,12 @@ def test_bottleneck_matches_llm_adapters_and_round_trips(tmp_path, name, kind):
     model_type = pre.config.model_type
     cfg = bottleneck.BottleneckConfig(bottleneck_size=8, use_parallel_adapter=kind == "parallel",
                                       non_linearity="gelu")  # "bert" init: not an identity
-    tree = api.inject(pre.params, cfg, jax.random.key(1), model_type)
+    tree = fa.inject(pre.params, cfg, jax.random.key(1), model_type)
     # x10: N(0, 0.2) projections, so the adapters move these tiny models' logits visibly.
     tree = jax.tree_util.tree_map_with_path(
         lambda p, x: 10 * x if p[-1].key.startswith("adapter_") else x, tree)
-    out = bottleneck.export_bottleneck(tree, cfg, tmp_path / "export", model_type=model_type)
-    tensors = load_file(out / bottleneck.WEIGHTS_NAME)
+    out = fa.save_adapter(tree, cfg, tmp_path / "export", model_type)
+    tensors = load_file(out / WEIGHTS_NAME)
     for key in {k.rsplit(".adapter_", 1)[0].removeprefix("base_model.model.") for k in tensors}:
         parent_name, module = key.rsplit(".", 1)
         parent = torch_model.get_submodule(parent_name)
@@ -185,7 +187,7 @@ def test_bottleneck_matches_llm_adapters_and_round_trips(tmp_path, name, kind):
     mine = forward(pre, cfg)(tree)
     assert np.abs(mine - forward(pre, None)(pre.params)).max() > 1e-2
     assert np.abs(mine - ref).max() <= 1e-4
-    back, cfg_back = bottleneck.import_bottleneck(out, pre.params, model_type)
+    back, cfg_back = fa.load_adapter(out, pre.params, model_type)
     chex.assert_trees_all_close(back, tree)
     assert cfg_back == dataclasses.replace(cfg, target_modules=cfg_back.target_modules)
 
@@ -197,7 +199,7 @@ def test_a_misplaced_prefix_is_an_error_not_ignored(tiny):
     positions for nothing. Named, it works."""
     pre, _ = tiny("bloom")
     cfg = METHODS["prefix_projection"][0]
-    frozen, encoder = split(api.inject(pre.params, cfg, jax.random.key(0), "bloom"))
+    frozen, encoder = split(fa.inject(pre.params, cfg, jax.random.key(0), "bloom"))
     tokens = jnp.zeros((1, 3), jnp.int32)
     model = model_for(pre, cfg)
     with pytest.raises(ValueError, match="holds no prefix_k"):
@@ -205,4 +207,4 @@ def test_a_misplaced_prefix_is_an_error_not_ignored(tiny):
     placed = combine(frozen, prefix.materialize(encoder, attention="self_attention"))
     np.testing.assert_array_equal(
         model.apply({"params": placed}, tokens)[0],
-        model.apply({"params": api.materialize(combine(frozen, encoder))}, tokens)[0])
+        model.apply({"params": fa.materialize(combine(frozen, encoder))}, tokens)[0])

@@ -16,8 +16,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from flax_adapters.adapters import api, bottleneck, ia3, lora  # noqa: E402
-from flax_adapters.adapters.tree import num_params, split  # noqa: E402
+import flax_adapters as fa  # noqa: E402
+from flax_adapters import num_params, split  # noqa: E402
+from flax_adapters.adapters import bottleneck, ia3, lora  # noqa: E402
 from flax_adapters.models import abstract_params, config_from_hf  # noqa: E402
 
 CONFIGS = {
@@ -94,7 +95,7 @@ def meta_model(hf: dict):
 
 
 def trainable(base: dict, cfg, model_type: str) -> int:
-    shapes = jax.eval_shape(lambda b: api.inject(b, cfg, jax.random.key(0), model_type), base)
+    shapes = jax.eval_shape(lambda b: fa.inject(b, cfg, jax.random.key(0), model_type), base)
     return num_params(split(shapes).trainable)
 
 

@@ -22,12 +22,14 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from families import FAMILIES, VOCAB, tiny_models  # noqa: E402
-from test_adapters_lora import perturb  # noqa: E402
-from tiny import padded_batch  # noqa: E402
+from tiny import padded_batch, perturb  # noqa: E402
 
-from flax_adapters.adapters import api, ia3, lora, peft_io, prefix, prompt, targeting  # noqa: E402
-from flax_adapters.adapters.tree import combine, split  # noqa: E402
+import flax_adapters as fa  # noqa: E402
+from flax_adapters import combine, split  # noqa: E402
+from flax_adapters.adapters import ia3, lora, prefix, prompt, targeting  # noqa: E402
+from flax_adapters.checkpoints.adapter import CONFIG_NAME  # noqa: E402
 from flax_adapters.models import model_class  # noqa: E402
+from flax_adapters.models.registry import family  # noqa: E402
 
 TOL = 1e-4
 P = 5
@@ -41,10 +43,10 @@ def tiny(tmp_path_factory):
 
 def ours(pre, tree, cfg, positions=None):
     tokens, mask = padded_batch(VOCAB)
-    model = model_class(pre.config)(pre.config, settings=api.settings_for(
+    model = model_class(pre.config)(pre.config, settings=fa.settings_for(
         cfg, pre.config.model_type))
     kwargs = {} if positions is None else {"positions_bt": positions}
-    logits, _ = jax.jit(model.apply)({"params": api.materialize(tree)}, jnp.asarray(tokens),
+    logits, _ = jax.jit(model.apply)({"params": fa.materialize(tree)}, jnp.asarray(tokens),
                                      jnp.asarray(mask, bool), **kwargs)
     return np.asarray(logits)
 
@@ -70,12 +72,11 @@ def test_export_loads_in_peft_with_same_logits(tiny, tmp_path, name, method):
     _, model, pre = tiny(name)
     model_type = pre.config.model_type
     cfg = METHODS[method][0]
-    tree = perturb(api.inject(pre.params, cfg, jax.random.key(0), model_type))
-    out = peft_io.export_peft(split(tree).trainable, cfg, tmp_path / "adapter",
-                              model_type=model_type)
-    config = json.loads((out / peft_io.CONFIG_NAME).read_text())
+    tree = perturb(fa.inject(pre.params, cfg, jax.random.key(0), model_type))
+    out = fa.save_adapter(split(tree).trainable, cfg, tmp_path / "adapter", model_type)
+    config = json.loads((out / CONFIG_NAME).read_text())
     # Our preset is PEFT's default for the family.
-    assert config["target_modules"] == sorted(targeting.preset(model_type, method))
+    assert config["target_modules"] == sorted(family(model_type).presets.target(method))
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(out)).eval()
     mine, reference = ours(pre, tree, cfg)[VALID], theirs(loaded)[VALID]
     moved = np.abs(mine - ours(pre, pre.params, None)[VALID]).max()
@@ -94,10 +95,10 @@ def test_peft_saved_adapter_imports_with_same_logits(tiny, tmp_path, name, metho
     torch.manual_seed(1)
     pm = peft.get_peft_model(copy.deepcopy(model), METHODS[method][1]()).eval()  # default targets
     pm.save_pretrained(tmp_path / "adapter")
-    tree, cfg = peft_io.import_peft(tmp_path / "adapter", pre.params, model_type)
+    tree, cfg = fa.load_adapter(tmp_path / "adapter", pre.params, model_type)
     # PEFT's default targets (BLOOM's IA3 says 'mlp.dense_4h_to_h') select our preset's sites.
     assert targeting.resolve(pre.params, cfg.target_modules) == targeting.resolve(
-        pre.params, targeting.preset(model_type, method))
+        pre.params, family(model_type).presets.target(method))
     diff = np.abs(ours(pre, tree, cfg)[VALID] - theirs(pm)[VALID]).max()
     print(f"{name} {method}: max |ours - peft| = {diff:.1e}")
     assert diff <= TOL
@@ -136,9 +137,9 @@ def test_prefix_and_prompt_tuning_match_peft(tiny, tmp_path, name, method):
 
     ref = peft_logits(pm)
     pm.save_pretrained(tmp_path / "peft")
-    tree, cfg = peft_io.import_peft(tmp_path / "peft", pre.params, model_type)
+    tree, cfg = fa.load_adapter(tmp_path / "peft", pre.params, model_type)
     diffs = {"import": np.abs(ours(pre, tree, cfg, positions)[VALID] - ref).max()}
-    peft_io.export_peft(tree, cfg, tmp_path / "ours", model_type=model_type)
+    fa.save_adapter(tree, cfg, tmp_path / "ours", model_type)
     loaded = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path),
                                             tmp_path / "ours").eval()
     diffs["export"] = np.abs(peft_logits(loaded) - ref).max()
@@ -160,19 +161,19 @@ def test_modules_to_save_both_ways_with_peft(tiny, tmp_path, name):
     model_type = pre.config.model_type
     cfg = lora.LoraConfig(r=4, alpha=8, modules_to_save=SAVED[name])
     # Ours -> PEFT: LoRA and the saved modules perturbed, exported, loaded by PEFT.
-    tree = api.inject(pre.params, cfg, jax.random.key(0), model_type)
-    frozen, trained = split(tree, api.trainable(cfg, model_type))
+    tree = fa.inject(pre.params, cfg, jax.random.key(0), model_type)
+    frozen, trained = split(tree, cfg, model_type)
     keys = iter(jax.random.split(jax.random.key(1), 1000))
     trained = jax.tree_util.tree_map(
         lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape), trained)
     tree = combine(frozen, trained)
-    out = peft_io.export_peft(trained, cfg, tmp_path / "ours", model_type=model_type)
+    out = fa.save_adapter(trained, cfg, tmp_path / "ours", model_type)
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(out)).eval()
     saved_in_peft = {n for n, _ in loaded.named_parameters() if "modules_to_save" in n}
     assert saved_in_peft, "PEFT wrapped no module: the exported names select nothing there"
     mine = ours(pre, tree, cfg)[VALID]
     assert np.abs(mine - theirs(loaded)[VALID]).max() <= TOL
-    lora_only = combine(pre.params, split(tree, api.trainable(lora.LoraConfig())).trainable)
+    lora_only = combine(pre.params, split(tree, lora.LoraConfig()).trainable)
     assert np.abs(mine - ours(pre, lora_only, cfg)[VALID]).max() > 10 * TOL  # saved ones matter
     # PEFT -> ours: PEFT's own file, saved modules trained (perturbed) in PyTorch.
     torch.manual_seed(1)
@@ -184,6 +185,6 @@ def test_modules_to_save_both_ways_with_peft(tiny, tmp_path, name):
             if "modules_to_save" in n:
                 p.add_(0.3 * torch.randn_like(p))
     pm.save_pretrained(tmp_path / "peft")
-    back, back_cfg = peft_io.import_peft(tmp_path / "peft", pre.params, model_type)
+    back, back_cfg = fa.load_adapter(tmp_path / "peft", pre.params, model_type)
     assert back_cfg.modules_to_save == SAVED[name]
     assert np.abs(ours(pre, back, back_cfg)[VALID] - theirs(pm)[VALID]).max() <= TOL

@@ -43,20 +43,23 @@ peft = pytest.importorskip("peft")
 
 from tiny import make_model_dir  # noqa: E402
 
-from flax_adapters.adapters import api, full, lora, peft_io  # noqa: E402
-from flax_adapters.adapters.tree import combine, get, split  # noqa: E402
+import flax_adapters as fa  # noqa: E402
+from flax_adapters.adapters import full, lora  # noqa: E402
 from flax_adapters.checkpoints import load_pretrained  # noqa: E402
-from flax_adapters.checkpoints.hf import hf_name_to_path  # noqa: E402
+from flax_adapters.checkpoints.adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME  # noqa: E402
 from flax_adapters.models import LlamaForCausalLM  # noqa: E402
+from flax_adapters.models.names import hf_name_to_path, site_name  # noqa: E402
+from flax_adapters.step import TrainState, make_optimizer, train_step  # noqa: E402
+from flax_adapters.tree import combine, get, split  # noqa: E402
 from train import config as config_lib  # noqa: E402
 from train.loop import run  # noqa: E402
-from train.step import TrainState, make_optimizer, train_step  # noqa: E402
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 LR, WD, CLIP, B1, B2, EPS = 1e-3, 0.1, 1.0, 0.9, 0.999, 1e-8
 MOMENT_RTOL, MOMENT_ATOL_OF_MAX = 1e-4, 1e-5  # summation order (see the docstring)
 WEIGHT_ATOL = 1e-6
+MT = "llama"  # the tiny model's pre.config.model_type
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +90,8 @@ def adam_moments(opt_state) -> tuple[dict, dict]:
 def our_step(pre, tree, cfg, lr=LR):
     """One jitted `train_step` (AdamW, constant lr, clipping) on `tokens()`;
     returns (trained part, loss, mu, nu, grad norm before clipping)."""
-    frozen, trainable = split(tree, api.trainable(cfg))
-    model = LlamaForCausalLM(pre.config, settings=api.settings_for(cfg))
+    frozen, trainable = split(tree, fa.trainable(cfg, MT))
+    model = LlamaForCausalLM(pre.config, settings=fa.settings_for(cfg, MT))
     opt = make_optimizer(lr, steps=1, warmup_steps=0, schedule="constant", weight_decay=WD,
                          b1=B1, b2=B2, max_grad_norm=CLIP)
     state = TrainState(jnp.zeros((), jnp.int32), trainable, opt.init(trainable))
@@ -159,7 +162,7 @@ def leaf(tree, path):
 def in_torch_layout(tree, name):
     """The leaf of our tree named `name` (a Hugging Face parameter name), in
     PyTorch's layout."""
-    path, transpose = hf_name_to_path(name)
+    path, transpose = hf_name_to_path(name, MT)
     value = leaf(tree, path)
     return value.T if transpose else value
 
@@ -167,8 +170,8 @@ def in_torch_layout(tree, name):
 def full_step_results(model, pre, our_lr=LR, torch_lr=LR, torch_clip=True):
     """(before, ours, ref) of one full fine-tuning step, for `assert_same_adamw_step`."""
     cfg = full.FullConfig()
-    tree = api.inject(pre.params, cfg, jax.random.key(0))
-    assert split(tree, api.trainable(cfg)).frozen == {}  # every leaf is trained
+    tree = fa.inject(pre.params, cfg, jax.random.key(0), MT)
+    assert split(tree, fa.trainable(cfg, MT)).frozen == {}  # every leaf is trained
     trained, loss, mu, nu, grad_norm = our_step(pre, tree, cfg, our_lr)
     assert grad_norm > 1.5 * CLIP  # so the clipping is part of what is compared
     ref_loss, ref = torch_step(copy.deepcopy(model).train(), torch_lr, torch_clip)
@@ -208,8 +211,8 @@ SAVED = lora.LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"),
 
 def perturbed_lora(pre):
     """Our LoRA + modules_to_save tree with a non-zero B (so A gets gradients)."""
-    tree = api.inject(pre.params, SAVED, jax.random.key(0))
-    frozen, trainable = split(tree)
+    tree = fa.inject(pre.params, SAVED, jax.random.key(0), MT)
+    frozen, trainable = fa.split(tree)
     keys = iter(jax.random.split(jax.random.key(1), 100))
     trainable = jax.tree_util.tree_map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape),
                                        trainable)
@@ -224,7 +227,7 @@ def test_modules_to_save_one_adamw_step_matches_peft(tiny, tmp_path):
     assert set(trained) == {"lm_head", "norm", "layers_0", "layers_1"}
     assert set(trained["layers_0"]) == {"input_layernorm", "post_attention_layernorm",
                                         "self_attn"}
-    init_dir = peft_io.export_peft(tree, SAVED, tmp_path / "init")
+    init_dir = fa.save_adapter(tree, SAVED, tmp_path / "init", MT)
     ref_model = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(init_dir),
                                                is_trainable=True)
     ref_model.train()
@@ -236,14 +239,14 @@ def test_modules_to_save_one_adamw_step_matches_peft(tiny, tmp_path):
     assert abs(loss - ref_loss) < 1e-5
 
     def ours_in_torch_layout(t, name):
-        key = name.removeprefix(peft_io.PREFIX).replace(".modules_to_save.default", "")
+        key = name.removeprefix(PREFIX).replace(".modules_to_save.default", "")
         if ".lora_" in key:
             module, kind = key.split(".lora_")
-            return np.asarray(get(t, peft_io.site_name(module))[
+            return np.asarray(get(t, site_name(module, MT))[
                 "lora_a" if kind.startswith("A") else "lora_b"]).T
         return in_torch_layout(t, key)
 
-    before = {n: ours_in_torch_layout(split(tree, api.trainable(SAVED)).trainable, n)
+    before = {n: ours_in_torch_layout(split(tree, fa.trainable(SAVED, MT)).trainable, n)
               for n in names}
     ours = {n: tuple(ours_in_torch_layout(t, n) for t in (trained, mu, nu)) for n in names}
     assert_same_adamw_step(before, ours, ref)
@@ -252,50 +255,51 @@ def test_modules_to_save_one_adamw_step_matches_peft(tiny, tmp_path):
 def test_modules_to_save_export_loads_in_peft_with_identical_logits(tiny, tmp_path):
     model, pre = tiny
     trained = our_step(pre, perturbed_lora(pre), SAVED)[0]
-    tree = combine(split(perturbed_lora(pre), api.trainable(SAVED)).frozen, trained)
-    out = peft_io.export_peft(tree, SAVED, tmp_path / "adapter", base_model_name_or_path="tiny")
-    config = json.loads((out / peft_io.CONFIG_NAME).read_text())
+    tree = combine(split(perturbed_lora(pre), fa.trainable(SAVED, MT)).frozen, trained)
+    out = fa.save_adapter(tree, SAVED, tmp_path / "adapter", MT, base_model_name_or_path="tiny")
+    config = json.loads((out / CONFIG_NAME).read_text())
     assert config["modules_to_save"] == ["lm_head", "norm"]
     from flax_adapters.checkpoints.safetensors_io import iter_tensors
-    keys = {k for k, _ in iter_tensors(out / peft_io.WEIGHTS_NAME)}
+    keys = {k for k, _ in iter_tensors(out / WEIGHTS_NAME)}
     assert {"base_model.model.lm_head.weight", "base_model.model.model.norm.weight",
             "base_model.model.model.layers.1.post_attention_layernorm.weight"} <= keys
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(out)).eval()
     ids = torch.from_numpy(tokens().astype(np.int64))
     with torch.no_grad():
         theirs = pm(input_ids=ids).logits.numpy()
-    ours_model = LlamaForCausalLM(pre.config, settings=api.settings_for(SAVED))
+    ours_model = LlamaForCausalLM(pre.config, settings=fa.settings_for(SAVED, MT))
     ours = np.asarray(ours_model.apply({"params": tree}, jnp.asarray(tokens()))[0])
     base = np.asarray(ours_model.apply({"params": pre.params}, jnp.asarray(tokens()))[0])
     assert np.abs(ours - base).max() > 1e-2  # the trained head and norms matter
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)  # summation order only
     # And back: importing the export gives our tree again.
-    back, cfg = peft_io.import_peft(out, pre.params)
+    back, cfg = fa.load_adapter(out, pre.params, MT)
     assert cfg.modules_to_save == ("lm_head", "norm")
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), back, tree)
     # Named adapters on one base: the saved modules come with the adapter.
-    active, _ = api.activate(pre.params, {"a": (cfg, split(back, api.trainable(cfg)).trainable)},
-                             "a")
+    active, _ = fa.activate(pre.params, {"a": (cfg, split(back, fa.trainable(cfg, MT)).trainable)},
+                            "a", MT)
     np.testing.assert_array_equal(np.asarray(active["lm_head"]), np.asarray(back["lm_head"]))
 
 
 def test_modules_to_save_bad_input(tiny, tmp_path):
     _, pre = tiny
     with pytest.raises(ValueError, match="modules_to_save 'classifier' matches no module.*lm_head"):
-        api.inject(pre.params, lora.LoraConfig(modules_to_save=("classifier",)), jax.random.key(0))
+        fa.inject(pre.params, lora.LoraConfig(modules_to_save=("classifier",)), jax.random.key(0),
+                  MT)
     with pytest.raises(ValueError, match="q_proj, which the adapter also modifies"):
-        api.inject(pre.params, lora.LoraConfig(target_modules=("q_proj",),
-                                               modules_to_save=("q_proj",)), jax.random.key(0))
+        fa.inject(pre.params, lora.LoraConfig(target_modules=("q_proj",),
+                                              modules_to_save=("q_proj",)), jax.random.key(0), MT)
     tied = {k: v for k, v in pre.params.items() if k != "lm_head"}
     with pytest.raises(ValueError, match="ties it to the output head"):
-        api.inject(tied, lora.LoraConfig(modules_to_save=("embed_tokens",)), jax.random.key(0))
+        fa.inject(tied, lora.LoraConfig(modules_to_save=("embed_tokens",)), jax.random.key(0), MT)
     # A PEFT adapter whose base tensors modules_to_save does not name is refused.
-    out = peft_io.export_peft(perturbed_lora(pre), SAVED, tmp_path / "a")
-    cfg_file = out / peft_io.CONFIG_NAME
+    out = fa.save_adapter(perturbed_lora(pre), SAVED, tmp_path / "a", MT)
+    cfg_file = out / CONFIG_NAME
     cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()),
                                     "modules_to_save": ["lm_head"]}))
     with pytest.raises(ValueError, match="is a base weight, but modules_to_save"):
-        peft_io.import_peft(out, pre.params)
+        fa.load_adapter(out, pre.params, MT)
 
 
 def test_full_fine_tuning_run_exports_a_model_transformers_loads(tmp_path):

@@ -20,13 +20,14 @@ def write_tiny(directory, drop=(), extra=None, reshape=None):
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(HF_TINY))
     cfg = LlamaConfig.from_hf(HF_TINY)
-    from flax_adapters.checkpoints.hf import path_to_hf_name
+    from flax_adapters.models.names import path_to_hf_name
     rng = np.random.default_rng(0)
     state = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]:
         keys = tuple(k.key for k in path)
         shape = leaf.shape[::-1] if keys[-1] in ("kernel", "lm_head") else leaf.shape
-        state[path_to_hf_name(keys)] = rng.standard_normal(shape).astype(np.float32)
+        name = path_to_hf_name(keys, HF_TINY["model_type"])
+        state[name] = rng.standard_normal(shape).astype(np.float32)
     for name in drop:
         del state[name]
     state.update(extra or {})

@@ -14,12 +14,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from flax_adapters.adapters import api, bottleneck, lora, prefix, tree
+import flax_adapters as fa
 from flax_adapters.models import abstract_params, model_class
 from flax_adapters.models.config import LlamaConfig
 from train import config as config_lib
 from train import plan
-from train.step import TrainState, make_optimizer, train_step
 
 # Proportions like LLaMA's (head_dim 64, ffn ~2.7 d, several layers) at a size
 # that compiles in seconds; B x t large enough that activations dominate.
@@ -27,14 +26,14 @@ TINY = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_h
                    num_attention_heads=2, num_key_value_heads=2, head_dim=64)
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 CASES = {
-    "lora": (lora.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=TARGETS), "float32"),
-    "lora_bf16": (lora.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=TARGETS),
+    "lora": (fa.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=TARGETS), "float32"),
+    "lora_bf16": (fa.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=TARGETS),
                   "bfloat16"),
-    "series": (bottleneck.BottleneckConfig(bottleneck_size=16,
-                                           target_modules=("up_proj", "gate_proj")), "float32"),
-    "parallel": (bottleneck.BottleneckConfig(bottleneck_size=16, use_parallel_adapter=True,
-                                             target_modules=("up_proj", "down_proj")), "float32"),
-    "prefix": (prefix.PrefixConfig(num_virtual_tokens=10), "float32"),
+    "series": (fa.BottleneckConfig(bottleneck_size=16,
+                                   target_modules=("up_proj", "gate_proj")), "float32"),
+    "parallel": (fa.BottleneckConfig(bottleneck_size=16, use_parallel_adapter=True,
+                                     target_modules=("up_proj", "down_proj")), "float32"),
+    "prefix": (fa.PrefixConfig(num_virtual_tokens=10), "float32"),
 }
 BATCH, SEQ = 4, 128
 # measured / estimated temp bytes of the compiled step. In float32 the estimate
@@ -53,21 +52,22 @@ def compiled_temp_bytes(case: str, remat: bool) -> tuple[int, int]:
     dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
     sds = jax.ShapeDtypeStruct
     base = jax.tree_util.tree_map(lambda x: sds(x.shape, dtype), abstract_params(TINY))
-    full = jax.eval_shape(lambda b: api.inject(b, adapter_cfg, jax.random.key(0)), base)
-    frozen, trainable = tree.split(full)
+    mt = TINY.model_type
+    full = jax.eval_shape(lambda b: fa.inject(b, adapter_cfg, jax.random.key(0), mt), base)
+    frozen, trainable = fa.split(full)
     trainable = jax.tree_util.tree_map(lambda x: sds(x.shape, jnp.float32), trainable)
-    optimizer = make_optimizer(1e-3, 10, 1, "linear", 0.0, 0.9, 0.999, 1.0)
-    state = TrainState(sds((), jnp.int32), trainable, jax.eval_shape(optimizer.init, trainable))
-    model = model_class(TINY)(TINY, dtype=dtype, settings=api.settings_for(adapter_cfg),
+    optimizer = fa.make_optimizer(1e-3, 10, 1, "linear", 0.0, 0.9, 0.999, 1.0)
+    state = fa.TrainState(sds((), jnp.int32), trainable, jax.eval_shape(optimizer.init, trainable))
+    model = model_class(TINY)(TINY, dtype=dtype, settings=fa.settings_for(adapter_cfg, mt),
                               remat=remat)
     batch = {"tokens": sds((1, BATCH, SEQ), jnp.int32), "valid": sds((1, BATCH, SEQ), bool),
              "loss_mask": sds((1, BATCH, SEQ), bool)}
-    step = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer),
+    step = jax.jit(functools.partial(fa.train_step, model=model, optimizer=optimizer),
                    donate_argnums=(0,))
     compiled = step.lower(state, frozen, batch, jax.eval_shape(lambda: jax.random.key(0))).compile()
     estimate = plan.activation_bytes(TINY, adapter_cfg, batch=BATCH, seq_len=SEQ,
                                      compute_dtype=dtype_name, param_dtype=dtype_name,
-                                     remat=remat) + 2 * 4 * tree.num_params(trainable)
+                                     remat=remat) + 2 * 4 * fa.num_params(trainable)
     return compiled.memory_analysis().temp_size_in_bytes, estimate
 
 

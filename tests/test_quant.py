@@ -27,8 +27,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import flax_adapters as fa
 from flax_adapters import sharding
-from flax_adapters.adapters import api, axes, bottleneck, ia3, lora, prefix, prompt, tree
+from flax_adapters.adapters import axes
 from flax_adapters.checkpoints.hf import abstract_params
 from flax_adapters.generate import GenerationConfig, generate
 from flax_adapters.models import LlamaConfig, LlamaForCausalLM, logical_axes
@@ -227,8 +228,8 @@ def test_stored_tree_layout_and_exact_bytes_of_a_7b_model():
         axis = {"kernel": 0, "embed_tokens": 1, "lm_head": 0}.get(name)
         expected += 4 * leaf.size if axis is None else expected_nf4_bytes(leaf.shape, axis)
     assert stored_bytes(q) == expected
-    n = tree.num_params(q)
-    assert n == tree.num_params(abstract) == 6_738_415_616  # logical values, not bytes
+    n = fa.num_params(q)
+    assert n == fa.num_params(abstract) == 6_738_415_616  # logical values, not bytes
     ratio = stored_bytes(q) / (2 * n)
     print(f"LLaMA-7B NF4 (double quant): {stored_bytes(q) / 2**30:.2f} GiB = {ratio:.1%} of bf16")
     assert ratio < 0.27
@@ -276,12 +277,13 @@ def batch(vocab):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _apply(model, params, tokens, valid):
-    return model.apply({"params": api.materialize(params)}, tokens, valid)[0]
+    return model.apply({"params": fa.materialize(params)}, tokens, valid)[0]
 
 
 def logits(cfg, params, settings=None, dtype=jnp.float32):
     tokens, valid = batch(cfg.vocab_size)
-    model = LlamaForCausalLM(cfg, dtype=dtype, settings=settings or api.settings_for(None))
+    settings = settings or fa.settings_for(None, cfg.model_type)
+    model = LlamaForCausalLM(cfg, dtype=dtype, settings=settings)
     return np.asarray(_apply(model, params, tokens, valid))[np.asarray(valid)]
 
 
@@ -324,12 +326,12 @@ def test_quantized_logits_close_to_float(kind, tied):
 
 
 METHODS = {
-    "lora": lora.LoraConfig(r=4, alpha=8, target_modules="all-linear"),
-    "dora": lora.LoraConfig(r=4, alpha=8, use_dora=True, target_modules="all-linear"),
-    "ia3": ia3.IA3Config(),
-    "parallel": bottleneck.BottleneckConfig(bottleneck_size=8, use_parallel_adapter=True),
-    "prefix": prefix.PrefixConfig(num_virtual_tokens=3),
-    "prompt": prompt.PromptTuningConfig(num_virtual_tokens=3, init="sample_vocab"),
+    "lora": fa.LoraConfig(r=4, alpha=8, target_modules="all-linear"),
+    "dora": fa.LoraConfig(r=4, alpha=8, use_dora=True, target_modules="all-linear"),
+    "ia3": fa.IA3Config(),
+    "parallel": fa.BottleneckConfig(bottleneck_size=8, use_parallel_adapter=True),
+    "prefix": fa.PrefixConfig(num_virtual_tokens=3),
+    "prompt": fa.PromptTuningConfig(num_virtual_tokens=3, init="sample_vocab"),
 }
 
 
@@ -341,12 +343,13 @@ def test_every_adapter_on_a_quantized_base_equals_it_on_the_dequantized_base(met
     cfg, acfg = tiny_cfg(), METHODS[method]
     q = quantize_params(random_params(cfg), QuantConfig("nf4", block_size=16))
     f = dequantize_params(q)
-    tq = perturb(api.inject(q, acfg, jax.random.key(0)))
-    tf = api.inject(f, acfg, jax.random.key(0))
-    chex.assert_trees_all_close(tree.split(api.inject(q, acfg, jax.random.key(0))).trainable,
-                                tree.split(tf).trainable, rtol=1e-6, atol=1e-6)
-    tf = tree.combine(tree.split(tf).frozen, tree.split(tq).trainable)
-    settings = api.settings_for(acfg)
+    mt = cfg.model_type
+    tq = perturb(fa.inject(q, acfg, jax.random.key(0), mt))
+    tf = fa.inject(f, acfg, jax.random.key(0), mt)
+    chex.assert_trees_all_close(fa.split(fa.inject(q, acfg, jax.random.key(0), mt)).trainable,
+                                fa.split(tf).trainable, rtol=1e-6, atol=1e-6)
+    tf = fa.combine(fa.split(tf).frozen, fa.split(tq).trainable)
+    settings = fa.settings_for(acfg, mt)
     out_q, out_f = logits(cfg, tq, settings), logits(cfg, tf, settings)
     assert rel_rms(out_q, logits(cfg, q)) > 1e-2  # the adapter does something
     np.testing.assert_allclose(out_q, out_f, rtol=1e-5, atol=1e-5)
@@ -355,12 +358,12 @@ def test_every_adapter_on_a_quantized_base_equals_it_on_the_dequantized_base(met
     model = LlamaForCausalLM(cfg, settings=settings)
 
     def loss(trainable, frozen):
-        out, _ = model.apply({"params": api.materialize(tree.combine(frozen, trainable))},
+        out, _ = model.apply({"params": fa.materialize(fa.combine(frozen, trainable))},
                              tokens, valid)
         return jnp.mean(jax.nn.log_softmax(out)[..., 0])
 
-    g_q = jax.jit(jax.grad(loss))(tree.split(tq).trainable, tree.split(tq).frozen)
-    g_f = jax.jit(jax.grad(loss))(tree.split(tq).trainable, tree.split(tf).frozen)
+    g_q = jax.jit(jax.grad(loss))(fa.split(tq).trainable, fa.split(tq).frozen)
+    g_f = jax.jit(jax.grad(loss))(fa.split(tq).trainable, fa.split(tf).frozen)
     chex.assert_trees_all_close(g_q, g_f, rtol=1e-4, atol=1e-6)
 
 
@@ -382,9 +385,9 @@ def test_sharded_quantized_forward_equals_one_device():
     if len(devices) < 8:
         pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them up")
     cfg = tiny_cfg()
-    t = perturb(api.inject(quantize_params(random_params(cfg), QuantConfig("nf4", block_size=16)),
-                           METHODS["lora"], jax.random.key(0)))
-    settings = api.settings_for(METHODS["lora"])
+    t = perturb(fa.inject(quantize_params(random_params(cfg), QuantConfig("nf4", block_size=16)),
+                          METHODS["lora"], jax.random.key(0), cfg.model_type))
+    settings = fa.settings_for(METHODS["lora"], cfg.model_type)
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2), devices[:8])
     names = axes.adapter_axes(t, logical_axes(cfg))
     shardings = sharding.tree_shardings(names, t, mesh)
@@ -417,12 +420,13 @@ def test_take_dequantizes_only_the_rows():
 
 def test_merge_into_a_quantized_base_is_refused_and_dequantize_then_merge_works():
     cfg, acfg = tiny_cfg(), METHODS["lora"]
-    t = perturb(api.inject(quantize_params(random_params(cfg), QuantConfig("nf4")), acfg,
-                           jax.random.key(0)))
+    t = perturb(fa.inject(quantize_params(random_params(cfg), QuantConfig("nf4")), acfg,
+                          jax.random.key(0), cfg.model_type))
     with pytest.raises(ValueError, match="quantized base.*dequantize_params"):
-        api.merge(t, acfg)
-    merged = api.merge(dequantize_params(t), acfg)
-    np.testing.assert_allclose(logits(cfg, merged), logits(cfg, t, api.settings_for(acfg)),
+        fa.merge(t, acfg)
+    merged = fa.merge(dequantize_params(t), acfg)
+    settings = fa.settings_for(acfg, cfg.model_type)
+    np.testing.assert_allclose(logits(cfg, merged), logits(cfg, t, settings),
                                rtol=1e-4, atol=1e-4)
 
 
@@ -433,12 +437,13 @@ def test_bad_quantization_settings_are_clear_errors():
         QuantConfig("nf4", block_size=63)
     cfg = tiny_cfg()
     q = quantize_params(random_params(cfg), QuantConfig("int8"))
-    from flax_adapters.adapters import full
     with pytest.raises(ValueError, match="full fine-tuning trains every weight.*quantize=none"):
-        api.inject(q, full.FullConfig(), jax.random.key(0))
+        fa.inject(q, fa.FullConfig(), jax.random.key(0), cfg.model_type)
     with pytest.raises(ValueError, match="modules_to_save selects lm_head, which is quantized"):
-        api.inject(q, lora.LoraConfig(r=2, modules_to_save=("lm_head",)), jax.random.key(0))
-    kept = quantize_params(random_params(cfg), QuantConfig("nf4", skip=("lm_head", "norm")))
+        fa.inject(q, fa.LoraConfig(r=2, modules_to_save=("lm_head",)), jax.random.key(0),
+                  cfg.model_type)
+    kept = quantize_params(random_params(cfg), QuantConfig("nf4", skip=("lm_head", "norm"),
+                                                           model_type=cfg.model_type))
     assert not isinstance(kept["lm_head"], QuantizedArray)
     assert isinstance(kept["embed_tokens"], QuantizedArray)
     wrong = dataclasses.replace(kept["embed_tokens"], shape=(129, 64))
@@ -454,7 +459,8 @@ def test_lora_training_on_a_quantized_base(tmp_path):
     tensor) give the losses of 1."""
     from tiny import make_model_dir
     from train import config as config_lib
-    from train.loop import _to_global, build, compile_steps
+    from flax_adapters.sharding import global_batch
+    from train.loop import build, compile_steps
 
     model_dir = make_model_dir(tmp_path / "model")
 
@@ -470,7 +476,7 @@ def test_lora_training_on_a_quantized_base(tmp_path):
         step_fn, _, batch_sh = compile_steps(s, cfg)
         state, out = s.state, []
         for _ in range(cfg.steps):  # one batch, over and over: it must be learnt
-            state, metrics = step_fn(state, s.frozen, _to_global(
+            state, metrics = step_fn(state, s.frozen, global_batch(
                 s.prepared.train.batch_at(0), 1, batch_sh), jax.random.key(0))
             out.append(float(metrics["loss"]))
         return out, s
@@ -535,7 +541,7 @@ def test_smollm2_quantized_at_load():
         return float(-jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lg), ids[0, 1:, None], 1)))
 
     ref = fwd(pre.params)
-    bf16_bytes = 2 * tree.num_params(pre.params)
+    bf16_bytes = 2 * fa.num_params(pre.params)
     bounds = {"int8": (0.05, 0.9, 0.51), "nf4": (0.75, 0.6, 0.30)}
     for kind, (dnll, agree, memory) in bounds.items():
         q = load_pretrained(path, quantize=kind).params

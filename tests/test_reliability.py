@@ -21,8 +21,9 @@ from flax_adapters.checkpoints import load_pretrained  # noqa: E402
 from train import config as config_lib  # noqa: E402
 from train import data as data_lib  # noqa: E402
 from train.checkpoint import Checkpointer  # noqa: E402
-from train.loop import TrainingError, _to_global, _truncate_metrics, build, compile_steps, run  # noqa: E402,E501
-from train.step import nonfinite_verdict  # noqa: E402
+from flax_adapters.sharding import global_batch  # noqa: E402
+from flax_adapters.step import nonfinite_verdict  # noqa: E402
+from train.loop import TrainingError, _truncate_metrics, build, compile_steps, run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def test_a_skipped_step_changes_nothing_and_training_recovers(model_dir, tmp_pat
     s = build(cfg, one_device())
     step_fn, _, batch_sh = compile_steps(s, cfg)
     key = jax.random.key(0)
-    batch = _to_global(s.prepared.train.batch_at(0), 1, batch_sh)
+    batch = global_batch(s.prepared.train.batch_at(0), 1, batch_sh)
     poisoned = jax.tree_util.tree_map(lambda x: x, s.frozen)
     poisoned["norm"] = {"scale": s.frozen["norm"]["scale"] * np.nan}
     before = jax.tree_util.tree_map(np.array, s.state.trainable)
@@ -325,7 +326,7 @@ def test_gguf_and_peft_files_load_without_unpickling(tmp_path, model_dir, finish
     pytest.importorskip("gguf")
     from test_gguf import TINY, random_state, tiny_byte_level_vocab, write_gguf
 
-    from flax_adapters.adapters import peft_io
+    import flax_adapters as fa
 
     write_gguf(tmp_path / "m.gguf", TINY, random_state(TINY), more=tiny_byte_level_vocab())
     assert load_pretrained(tmp_path / "m.gguf").tokenizer is not None
@@ -333,5 +334,6 @@ def test_gguf_and_peft_files_load_without_unpickling(tmp_path, model_dir, finish
     shutil.copytree(finished / "adapter", adapter)
     marker = tmp_path / "PWNED"
     (adapter / "adapter_model.bin").write_bytes(pickle.dumps(_Evil(marker)))
-    tree, cfg = peft_io.import_peft(adapter, load_pretrained(model_dir).params)
+    pre = load_pretrained(model_dir)
+    tree, cfg = fa.load_adapter(adapter, pre.params, pre.config.model_type)
     assert cfg.r == 4 and not marker.exists()

@@ -9,7 +9,7 @@ import pytest
 
 from flax_adapters.models import LlamaConfig, LlamaForCausalLM
 from train import data
-from train.step import make_optimizer, token_loss
+from flax_adapters.step import make_optimizer, token_loss
 
 CFG = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8)

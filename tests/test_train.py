@@ -15,7 +15,7 @@ pytest.importorskip("torch")
 
 from tiny import make_model_dir, run_config  # noqa: E402
 
-from flax_adapters.adapters import tree  # noqa: E402
+import flax_adapters as fa  # noqa: E402
 from flax_adapters.checkpoints import load_pretrained  # noqa: E402
 from train import config as config_lib  # noqa: E402
 from train.loop import build, compile_steps, run  # noqa: E402
@@ -81,14 +81,14 @@ def test_only_adapter_leaves_change(model_dir, tmp_path):
     cfg = cfg_for(model_dir, tmp_path / "run", "mesh.data=1")
     s = build(cfg, devices(1))
     step_fn, _, batch_sh = compile_steps(s, cfg)
-    from train.loop import _to_global
+    from flax_adapters.sharding import global_batch
     before_trainable = jax.tree_util.tree_map(np.array, s.state.trainable)
     state = s.state
     for step in range(3):
-        state, _ = step_fn(state, s.frozen, _to_global(s.prepared.train.batch_at(step), 1,
-                                                       batch_sh), jax.random.key(0))
+        state, _ = step_fn(state, s.frozen, global_batch(s.prepared.train.batch_at(step), 1,
+                                                         batch_sh), jax.random.key(0))
     fresh = load_pretrained(model_dir).params
-    frozen_now = tree.split(tree.combine(s.frozen, state.trainable)).frozen
+    frozen_now = fa.split(fa.combine(s.frozen, state.trainable)).frozen
     jax.tree_util.tree_map(np.testing.assert_array_equal, frozen_now, fresh)  # bit-identical
     changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(a != np.asarray(b))),
                                      before_trainable, state.trainable)

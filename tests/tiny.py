@@ -10,8 +10,9 @@ import jax
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from flax_adapters.adapters.tree import combine, split
-from train import arith, data
+import flax_adapters as fa
+from eval.prompts import generate_prompt
+from train import arith
 from train import config as config_lib
 
 
@@ -19,7 +20,7 @@ def make_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     train, test = arith.make_split(400, 64, seed=0)
-    corpus = [data.generate_prompt(r, "alpaca") for r in train + test]
+    corpus = [generate_prompt(r, "alpaca") for r in train + test]
     specials = ["<unk>", "<pad>", "</s>"]
     words = sorted({w for text in corpus for w, _ in
                     pre_tokenizers.Whitespace().pre_tokenize_str(text)})
@@ -60,7 +61,7 @@ def padded_batch(vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
 def perturb(tree, seed=1):
     """Random, non-trivial adapter leaves: A and B get noise (B is 0 when
     fresh), magnitudes and IA3 vectors a random factor near 1."""
-    frozen, trainable = split(tree)
+    frozen, trainable = fa.split(tree)
     flat, treedef = jax.tree_util.tree_flatten_with_path(trainable)
     key = jax.random.key(seed)
     out = []
@@ -68,7 +69,7 @@ def perturb(tree, seed=1):
         noise = jax.random.normal(jax.random.fold_in(key, i), x.shape)
         multiplicative = path[-1].key in ("lora_magnitude", "ia3")
         out.append(x * (1 + 0.3 * noise) if multiplicative else x + 0.2 * noise)
-    return combine(frozen, jax.tree_util.tree_unflatten(treedef, out))
+    return fa.combine(frozen, jax.tree_util.tree_unflatten(treedef, out))
 
 
 # A few-step training run on the tiny model; tests append what they vary
