@@ -432,7 +432,7 @@ class Worker:
                str(args.batch), "--seq", str(args.seq), "--dropout", str(args.dropout)]
         if getattr(args, "method", None):
             cmd += ["--method", args.method]
-        if args.mallopt:
+        if getattr(args, "mallopt", False):  # bench.quant's workers keep glibc's default
             cmd.append("--mallopt")
         if model_dir:
             cmd += ["--model-dir", model_dir]
