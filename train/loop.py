@@ -1,8 +1,9 @@
 """`run(cfg)`: the whole of `python -m train`, as a table of contents.
 
+the output directory's resume / overwrite policy (`check_output_dir`) ->
 config -> model + tokenizer -> adapter inject -> data -> sharded state
-(`build`) -> jitted train and eval steps (`compile_steps`) -> the output
-directory and what a resume continues from (`open_run`) -> the step loop
+(`build`, `place`) -> jitted train and eval steps (`compile_steps`) -> what
+a resume continues from (`resume_point`) -> the step loop
 with metrics, progress bar, periodic validation, checkpoints and
 preemption (`train_steps`) -> the adapter export, loss curve, before/after
 held-out accuracy and report (`finish`).
