@@ -3,21 +3,30 @@ torch) and saved with save_pretrained (safetensors), for the family tests.
 
 Each variant is (transformers config class name, its kwargs); every variant
 has 2 layers, width 64 (48 for the 6-head BLOOM), vocab 128 unless a test
-gives another. Biases and norms get random offsets so that no parameter is
-a trivial 0 or 1 and a transposed or misplaced one shows.
+gives another, and a layer-norm epsilon that is not the family's default
+(so a loader that ignores the field shows).
+
+`sensitize` replaces transformers' N(0, 0.02) init, under which logits stay
+below ~1.5, MLP inputs near 0.16 and attention near uniform (a wrong GELU
+variant, rope on the wrong half or a shifted ALiBi slope would then move the
+logits by less than any tolerance): with it logits span about +-35 (std ~8),
+the mean top attention weight is ~0.8 and MLP activation inputs have std ~2,
+the non-linear range (measured in tests/test_families_parity.py's docstring).
 """
 
 from __future__ import annotations
 
+import math
 import pathlib
 
 VOCAB = 128
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4)),
+    "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4, layer_norm_epsilon=1e-3)),
     # 6 heads: ALiBi's extra slopes for a head count that is not a power of two;
     # and the residual taken after the LayerNorm.
     "bloom_6heads_postln": ("BloomConfig", dict(
-        hidden_size=48, n_layer=2, n_head=6, apply_residual_connection_post_layernorm=True)),
+        hidden_size=48, n_layer=2, n_head=6, apply_residual_connection_post_layernorm=True,
+        layer_norm_epsilon=1e-3)),
     "opt": ("OPTConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                               ffn_dim=96, max_position_embeddings=64)),
     # opt-350m's shape: embeddings of width 32 projected in and out, post-LN layers.
@@ -25,14 +34,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96,
         max_position_embeddings=64, word_embed_proj_dim=32, do_layer_norm_before=False)),
     "gptj": ("GPTJConfig", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64,
-                              bos_token_id=1, eos_token_id=2)),
+                              bos_token_id=1, eos_token_id=2, layer_norm_epsilon=1e-3)),
     "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, intermediate_size=96,
                                        rotary_pct=0.5, max_position_embeddings=64,
-                                       use_parallel_residual=True)),
+                                       use_parallel_residual=True, layer_norm_eps=1e-3)),
     "gpt_neox_sequential": ("GPTNeoXConfig", dict(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-        rotary_pct=0.25, max_position_embeddings=64, use_parallel_residual=False)),
+        rotary_pct=0.25, max_position_embeddings=64, use_parallel_residual=False,
+        layer_norm_eps=1e-3)),
 }
 # One variant per family, for the tests that need only one.
 FAMILIES = ("bloom", "opt", "gptj", "gpt_neox")
@@ -47,19 +57,52 @@ def hf_config(name: str, layers: int | None = None, **overrides):
     return getattr(transformers, cls)(**{"vocab_size": VOCAB, **kwargs, **overrides})
 
 
+HEADS = ("lm_head", "embed_out")
+
+
+def sensitize(model, seed: int = 0, gain: float = 2.0, head_gain: float = 8.0):
+    """Re-initialises a torch model in place so that its outputs are sensitive
+    to every operation: each weight matrix N(0, gain^2 / fan_in) (q.k scores
+    of std ~gain^2, MLP inputs of std ~gain), the head N(0, head_gain^2 /
+    fan_in) (logits of std ~head_gain), token embeddings N(0, 1), learned
+    positions N(0, 0.25), biases N(0, 0.04), norm weights 1 + N(0, 0.04)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.ndim == 2 and any(h in name for h in HEADS):
+                p.copy_(noise * head_gain / math.sqrt(p.shape[1]))
+            elif p.ndim == 2 and ("embed" in name or "wte" in name):
+                p.copy_(noise * (0.5 if "position" in name else 1.0))
+            elif p.ndim == 2:
+                p.copy_(noise * gain / math.sqrt(p.shape[1]))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * noise)
+            else:  # norm weights
+                p.copy_(1 + 0.2 * noise)
+    return model
+
+
 def save_tiny(path: pathlib.Path, name: str, seed: int = 0, layers: int | None = None,
-              **overrides):
-    """Builds, perturbs and saves a tiny random model; returns the torch model."""
+              sensitive: bool = True, **overrides):
+    """Builds and saves a tiny random model (`sensitize`d unless `sensitive`
+    is False: then transformers' init with random offsets on biases and
+    norms, a model that trains like a real one); returns the torch model."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(
         hf_config(name, layers, **overrides)).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("bias") or "norm" in n or ".ln_" in n:
-                p.add_(0.1 * torch.randn_like(p))
+    if sensitive:
+        sensitize(model, seed)
+    else:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("bias") or "norm" in n or ".ln_" in n:
+                    p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(path)
     return model
 
@@ -88,7 +131,7 @@ def make_model_dir(path: pathlib.Path, name: str, seed: int = 0) -> pathlib.Path
     kwargs = VARIANTS[name][1]
     # Room for the longest training example (cutoff_len 256) in OPT's learned positions.
     longer = {k: 256 for k in ("n_positions", "max_position_embeddings") if k in kwargs}
-    save_tiny(path, name, seed, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+    save_tiny(path, name, seed, sensitive=False, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
               pad_token_id=tok.pad_token_id, bos_token_id=None, **longer)
     tok.save_pretrained(path)
     return path
