@@ -15,7 +15,12 @@ Reference: LLM-Adapters (Hu et al. 2023), `evaluate.py` (math) and
   named rule `llm_adapters` so results stay comparable with the paper; the
   rule `robust` reads the answer the model states ("the answer is (D)",
   else the last "(D)"). On the logged GPT-3.5 AQuA generations the two give
-  42.9% and 48.4% (the logged `pred`s score 48.4%).
+  42.9% and 48.4%. The logged `pred`s (48.4%) were not extracted by
+  LLM-Adapters' letter rule but by Kojima et al.'s few-shot-CoT
+  `answer_cleansing` (github.com/kojima-takeshi188/zero_shot_cot, utils.py:
+  the first A-E after the last "The answer is", else the last A-E anywhere);
+  `robust` agrees with them on all but one generation, which states no
+  answer (tests/test_eval.py).
 
 LLM-Adapters decodes prompt + generation and keeps
 `output.split("### Response:")[1]`: text after a second "### Response:"

@@ -7,8 +7,12 @@ built and tokenized as in training (eval/prompts.py) and decoded in batches
 by eval/generator.py (greedy, or beam search with `num_beams > 1`).
 
 Scoring-only mode reads existing generations (JSON or JSONL records with
-`question`/`instruction`, `generation`/`output`/`chain-of-thought` and
-`answer`; the LLM-Adapters GPT-3.5 logs as they are) and scores them the same way.
+`question`/`instruction`, `generation`/`output_pred`/`output`/`chain-of-thought`
+and `answer`; the LLM-Adapters GPT-3.5 logs and LLM-Adapters' own
+`experiment/*.json` files as they are) and scores them the same way. In those
+experiment files `output` is the dataset's reference answer, copied from the
+test record, and `output_pred` the model's generation, so `output_pred` is
+read first.
 
 Writes to `output_dir`: `<dataset>.jsonl` (one line per example: index,
 question, generation, pred, label, correct), `summary.json` ({"datasets":
@@ -101,7 +105,9 @@ def summarize(task: Task, rows: Sequence[dict], letter_rule: str = "robust") -> 
     return {"n": n, **by_rule[letter_rule], "rule": letter_rule, "by_rule": by_rule}
 
 
-GENERATION_FIELDS = ("generation", "output", "chain-of-thought")
+# LLM-Adapters' experiment files hold the test record (whose `output` is the
+# reference answer) plus `output_pred`, the generation: `output_pred` first.
+GENERATION_FIELDS = ("generation", "output_pred", "output", "chain-of-thought")
 QUESTION_FIELDS = ("question", "instruction")
 
 
