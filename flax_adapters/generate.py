@@ -28,8 +28,10 @@ over constant. Choices worth knowing:
   per step, so a row's samples do not depend on the batch bucket size.
 
 Reference for the sampling semantics: transformers' `TemperatureLogitsWarper`,
-`TopKLogitsWarper`, `TopPLogitsWarper` (the nucleus keeps the smallest set of
-most likely tokens whose probability reaches `top_p`, and at least one).
+`TopKLogitsWarper`, `TopPLogitsWarper` (top-k keeps every token tied with the
+k-th; the nucleus keeps the smallest set of most likely tokens whose
+probability reaches `top_p`, and at least one). tests/test_generate.py
+compares `warp_logits` and the sampled frequencies with them.
 """
 
 from __future__ import annotations
@@ -102,33 +104,46 @@ def _nucleus(sorted_logits_bk: jax.Array, top_p: float) -> jax.Array:
     return jnp.where(mass_before_bk < top_p, sorted_logits_bk, -jnp.inf)
 
 
+def filter_top_k(logits_bv: jax.Array, top_k: int) -> jax.Array:
+    """Logits with every token below the k-th largest set to -inf. Ties with
+    the k-th are kept (more than k tokens then survive), as transformers'
+    `TopKLogitsWarper` does; top_k >= vocab keeps everything."""
+    kth_b1 = jax.lax.top_k(logits_bv, min(top_k, logits_bv.shape[-1]))[0][:, -1:]
+    return jnp.where(logits_bv >= kth_b1, logits_bv, -jnp.inf)
+
+
 def filter_top_p(logits_bv: jax.Array, top_p: float) -> jax.Array:
-    """Logits with every token outside the top-p nucleus set to -inf."""
-    sorted_bv = jax.lax.top_k(logits_bv, logits_bv.shape[-1])[0]
+    """Logits with every token outside the top-p nucleus set to -inf: the
+    smallest set of most likely tokens whose probability reaches top_p. Tokens
+    tied at the edge of the nucleus are taken lowest index first (transformers'
+    choice there follows torch.sort's unspecified order of equal values)."""
+    b, v = logits_bv.shape
+    sorted_bv, idx_bv = jax.lax.top_k(logits_bv, v)  # ties: lower index first
     kept_bv = _nucleus(sorted_bv, top_p)
-    # The smallest kept logit is the threshold (ties with it are kept too).
-    threshold_b1 = jnp.min(jnp.where(jnp.isfinite(kept_bv), kept_bv, jnp.inf), axis=-1,
-                           keepdims=True)
-    return jnp.where(logits_bv >= threshold_b1, logits_bv, -jnp.inf)
+    return jnp.full_like(logits_bv, -jnp.inf).at[jnp.arange(b)[:, None], idx_bv].set(kept_bv)
+
+
+def warp_logits(logits_bv: jax.Array, temperature: float, top_k: int = 0,
+                top_p: float = 1.0) -> jax.Array:
+    """float32 logits that sampling draws from: divided by `temperature`,
+    then top-k, then top-p filtered (-inf outside), the order of
+    transformers' `generate` (`_get_logits_processor`). temperature > 0."""
+    logits_bv = logits_bv.astype(jnp.float32) / temperature
+    if top_k:
+        logits_bv = filter_top_k(logits_bv, top_k)
+    if top_p < 1:
+        logits_bv = filter_top_p(logits_bv, top_p)
+    return logits_bv
 
 
 def sample_logits(logits_bv: jax.Array, keys_b: jax.Array, temperature: float, top_k: int = 0,
                   top_p: float = 1.0) -> jax.Array:
-    """Next token per row (int32 (b,)). temperature 0 is exact argmax."""
+    """Next token per row (int32 (b,)): a draw from softmax(warp_logits(...)).
+    temperature 0 is exact argmax."""
     if temperature == 0:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    logits_bv = logits_bv.astype(jnp.float32) / temperature
-    categorical = jax.vmap(jax.random.categorical)  # one key per row
-    vocab = logits_bv.shape[-1]
-    if top_k == 0 and top_p >= 1:
-        return categorical(keys_b, logits_bv).astype(jnp.int32)
-    # Sample among the k best (already sorted, which the nucleus needs): with
-    # a top-k this avoids sorting the whole vocabulary.
-    vals_bk, idx_bk = jax.lax.top_k(logits_bv, min(top_k, vocab) if top_k else vocab)
-    if top_p < 1:
-        vals_bk = _nucleus(vals_bk, top_p)
-    choice_b = categorical(keys_b, vals_bk)
-    return jnp.take_along_axis(idx_bk, choice_b[:, None], axis=1)[:, 0].astype(jnp.int32)
+    warped_bv = warp_logits(logits_bv, temperature, top_k, top_p)
+    return jax.vmap(jax.random.categorical)(keys_b, warped_bv).astype(jnp.int32)  # a key per row
 
 
 # ----------------------------------------------------------------------------- bucketing
