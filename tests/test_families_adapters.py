@@ -2,9 +2,21 @@
 adapter leaves the outputs unchanged where its method says so (LoRA: B = 0;
 DoRA: m = ||W||; IA3: l = 1; bottleneck with LLM-Adapters' mam_adapter init:
 zero up-projection), one training step changes only adapter leaves, and a
-prompt / prefix decodes through the KV cache as it computes in full.
-(Parity of LoRA, IA3, prefix and prompt tuning with PEFT on each family is
-in test_families_peft.py.)
+prompt / prefix decodes through the KV cache as it computes in full; and
+AdapterH, AdapterP and the parallel adapter against LLM-Adapters' layer
+(test_adapters_bottleneck's RefAdapterLinear) on each family. (Parity of
+LoRA, rsLoRA, DoRA, IA3, prefix tuning, prompt tuning and P-tuning with
+PEFT on each family is in test_families_peft.py.)
+
+The one-layer models are `families.sensitize`d (logits up to ~35) and the
+comparisons relative to the logit scale (max |a - b| / max |b|), with the
+model parity tests' REL_TOL = 1e-5. Measured on 2026-12-04 (AMD EPYC): a
+fresh identity adapter is 3e-7..7.4e-7 from the base (the jitted training
+step fuses the forward differently); cached decoding 2.7e-7..4.8e-7 from
+the full computation; our bottleneck adapters 3.8e-7..8.8e-7 from
+LLM-Adapters' (margin > 10x), which move the logits by 0.30..0.65 of their
+scale, and a fresh prompt / prefix by 0.50..1.0: both asserted at 100x
+REL_TOL.
 """
 
 import dataclasses
@@ -44,7 +56,14 @@ METHODS = {
                                               encoder_hidden_size=16), False),
     "prompt": (prompt.PromptTuningConfig(num_virtual_tokens=3), False),
 }
-# P-tuning feeds the prompt site like prompt tuning (its encoder is family-independent).
+# P-tuning feeds the prompt site like prompt tuning (its encoder is family-independent;
+# test_families_peft.py checks it against PEFT on each family).
+REL_TOL = 1e-5
+
+
+def rel_err(mine, ref) -> float:
+    """max |mine - ref| / max |ref|: the error relative to the logit scale."""
+    return float(np.abs(mine - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +121,12 @@ def test_every_method_runs_and_trains_only_adapter_leaves(tiny, name, method):
 
     frozen_copy = jax.tree.map(np.array, frozen)
     fresh, new_trainable, loss = run(trainable, frozen, opt.init(trainable))
-    if identity:  # exact up to additions of zeros / multiplications by one
-        np.testing.assert_allclose(fresh, base_logits, atol=1e-6)
+    moved = rel_err(np.asarray(fresh), base_logits)
+    print(f"{name} {method}: max |fresh - base| / max |logit| = {moved:.1e}")
+    if identity:  # exact up to additions of zeros / multiplications by one, and XLA's fusion
+        assert moved <= REL_TOL
     else:  # virtual tokens / prefix slots: a change by design
-        assert np.isfinite(fresh).all() and np.abs(fresh - base_logits).max() > 1e-3
+        assert np.isfinite(fresh).all() and moved > 100 * REL_TOL
     assert np.isfinite(float(loss))
     chex.assert_trees_all_equal(frozen, frozen_copy)  # the base is untouched, bit for bit
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), trainable,
@@ -136,7 +157,9 @@ def test_prompt_and_prefix_decode_through_the_cache(tiny, name, method):
         pieces.append(out)
     stepped = np.concatenate([np.asarray(p) for p in pieces], axis=1)
     valid = mask.astype(bool)
-    np.testing.assert_allclose(stepped[valid], np.asarray(full)[valid], atol=1e-5)
+    err = rel_err(stepped[valid], np.asarray(full)[valid])
+    print(f"{name} {method}: max |cached - full| / max |logit| = {err:.1e}")
+    assert err <= REL_TOL
 
 
 # LLM-Adapters' TRANSFORMERS_MODELS_TO_ADAPTER_TYPE_MAPPING (its peft/tuners/bottleneck.py);
@@ -149,13 +172,14 @@ ADAPTER_TYPES = {
 }
 
 
-@pytest.mark.parametrize("kind", ["adapterh", "parallel"])
+@pytest.mark.parametrize("kind", ["adapterh", "adapterp", "parallel"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_bottleneck_matches_llm_adapters_and_round_trips(tmp_path, name, kind):
     """Our export, in LLM-Adapters' key names, loaded into transformers' model
     wrapped with LLM-Adapters' bottleneck.Linear (test_adapters_bottleneck's
-    RefAdapterLinear): the same logits (1e-4, float32 as everywhere); and
-    importing the export gives back the tree."""
+    RefAdapterLinear; AdapterP is LLM-Adapters' `bottleneck` adapter_type
+    with use_adapterp: one output_adapter on the MLP's output layer): the
+    same logits (REL_TOL); and importing the export gives back the tree."""
     import torch
     import transformers
     from safetensors.numpy import load_file
@@ -165,13 +189,17 @@ def test_bottleneck_matches_llm_adapters_and_round_trips(tmp_path, name, kind):
     pre = load_pretrained(tmp_path / "model")
     model_type = pre.config.model_type
     cfg = bottleneck.BottleneckConfig(bottleneck_size=8, use_parallel_adapter=kind == "parallel",
+                                      use_adapterp=kind == "adapterp",
                                       non_linearity="gelu")  # "bert" init: not an identity
     tree = fa.inject(pre.params, cfg, jax.random.key(1), model_type)
-    # x10: N(0, 0.2) projections, so the adapters move these tiny models' logits visibly.
+    # x10: N(0, 0.2) projections, so the GELU sees pre-activations past its linear range.
     tree = jax.tree_util.tree_map_with_path(
         lambda p, x: 10 * x if p[-1].key.startswith("adapter_") else x, tree)
     out = fa.save_adapter(tree, cfg, tmp_path / "export", model_type)
     tensors = load_file(out / WEIGHTS_NAME)
+    modules = {k.rsplit(".adapter_", 1)[0].rsplit(".", 1)[1] for k in tensors}
+    if kind == "adapterp":  # LLM-Adapters' ADAPTERP target: the MLP's output layer only
+        assert {ADAPTER_TYPES[model_type][m] for m in modules} == {"output_adapter"}
     for key in {k.rsplit(".adapter_", 1)[0].removeprefix("base_model.model.") for k in tensors}:
         parent_name, module = key.rsplit(".", 1)
         parent = torch_model.get_submodule(parent_name)
@@ -185,8 +213,11 @@ def test_bottleneck_matches_llm_adapters_and_round_trips(tmp_path, name, kind):
         ref = torch_model(input_ids=torch.tensor(tokens),
                           attention_mask=torch.tensor(mask)).logits.numpy()[mask.astype(bool)]
     mine = forward(pre, cfg)(tree)
-    assert np.abs(mine - forward(pre, None)(pre.params)).max() > 1e-2
-    assert np.abs(mine - ref).max() <= 1e-4
+    moved, err = rel_err(mine, forward(pre, None)(pre.params)), rel_err(mine, ref)
+    print(f"{name} {kind}: max |ours - LLM-Adapters reference| / max |logit| = {err:.1e} "
+          f"(the adapter moves the logits by {moved:.2f} of their scale)")
+    assert moved > 100 * REL_TOL, "the adapter must change the outputs, or the test proves nothing"
+    assert err <= REL_TOL
     back, cfg_back = fa.load_adapter(out, pre.params, model_type)
     chex.assert_trees_all_close(back, tree)
     assert cfg_back == dataclasses.replace(cfg, target_modules=cfg_back.target_modules)

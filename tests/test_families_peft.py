@@ -1,12 +1,24 @@
 """PEFT interchange on BLOOM, OPT, GPT-J and GPT-NeoX (peft 0.21, PyTorch CPU),
-both directions through the PEFT file format, with PEFT's default targets
-(LoRA on BLOOM's and NeoX's fused query_key_value); and prefix / prompt
-tuning against PEFT, which shows our prefix and prompt sites sit where
-PEFT's past_key_values and inputs_embeds land in each family.
+both directions through the PEFT file format: LoRA, rsLoRA and IA3 with
+PEFT's default targets (LoRA on BLOOM's and NeoX's fused query_key_value),
+DoRA on every linear layer ("all-linear": the fused query_key_value, the
+attention output and both MLP layers; every family's layers are nn.Linear,
+so PEFT's DoRA applies to all of them); and prefix tuning, prompt tuning and
+P-tuning against PEFT, which shows our prefix and prompt sites sit where
+PEFT's past_key_values and inputs_embeds land in each family. Mutation
+controls: deliberate errors in an exported file (test_adapters_lora's
+PEFT_MUTATIONS) must fail the comparison on BLOOM.
 
-Tolerance 1e-4 in float32, as the LLaMA PEFT tests: the same float32
-operations in another summation order (observed ~1e-6); a wrong scale, a
-transposed matrix or a misplaced site shows at 1e-2 or more.
+The models are `families.sensitize`d (logits up to ~35) and every
+comparison is relative: max |ours - peft| / max |peft logit| over the valid
+positions of the padded batch, with the model parity tests' REL_TOL = 1e-5
+(float32 on both sides, another summation order). Measured on 2026-12-04
+(AMD EPYC, our forward eager): LoRA, rsLoRA, DoRA and IA3, both directions,
+5e-7..2.1e-6; prefix, prompt and P-tuning 4e-7..1.1e-6 (PEFT's logits with
+our export are bit-identical to its own); modules_to_save 8e-7..1.9e-6: a
+margin of ~5x. The adapters (tiny.perturb's leaves, or PEFT's non-zero
+init) move the logits by 0.39..1.44 of their scale, asserted at 100x
+REL_TOL; each mutation moves them by 0.86..1.1, asserted at 10x.
 """
 
 import copy
@@ -22,6 +34,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from families import FAMILIES, VOCAB, tiny_models  # noqa: E402
+from test_adapters_lora import PEFT_MUTATIONS  # noqa: E402
 from tiny import padded_batch, perturb  # noqa: E402
 
 import flax_adapters as fa  # noqa: E402
@@ -31,8 +44,13 @@ from flax_adapters.checkpoints.adapter import CONFIG_NAME  # noqa: E402
 from flax_adapters.models import model_class  # noqa: E402
 from flax_adapters.models.registry import family  # noqa: E402
 
-TOL = 1e-4
+REL_TOL = 1e-5
 P = 5
+
+
+def rel_err(mine, ref) -> float:
+    """max |mine - ref| / max |ref|: the error relative to the logit scale."""
+    return float(np.abs(mine - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +64,10 @@ def ours(pre, tree, cfg, positions=None):
     model = model_class(pre.config)(pre.config, settings=fa.settings_for(
         cfg, pre.config.model_type))
     kwargs = {} if positions is None else {"positions_bt": positions}
-    logits, _ = jax.jit(model.apply)({"params": fa.materialize(tree)}, jnp.asarray(tokens),
-                                     jnp.asarray(mask, bool), **kwargs)
+    # Eager, not jitted: each config would compile anew (~1.5 s); op by op, once
+    # the ops' shapes are compiled, a forward takes ~0.1 s.
+    logits, _ = model.apply({"params": fa.materialize(tree)}, jnp.asarray(tokens),
+                            jnp.asarray(mask, bool), **kwargs)
     return np.asarray(logits)
 
 
@@ -60,10 +80,43 @@ def theirs(model, position_ids=None):
 
 
 VALID = padded_batch(VOCAB)[1].astype(bool)
-METHODS = {"lora": (lora.LoraConfig(r=4, alpha=8), lambda: peft.LoraConfig(
-               r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM")),
-           "ia3": (ia3.IA3Config(), lambda: peft.IA3Config(init_ia3_weights=False,
-                                                           task_type="CAUSAL_LM"))}
+# method -> (our config, PEFT's config (non-zero B), our targets' spec); PEFT's
+# default targets are our preset's, except DoRA's "all-linear" on both sides.
+METHODS = {
+    "lora": (lora.LoraConfig(r=4, alpha=8), lambda: peft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM"), "lora"),
+    "rslora": (lora.LoraConfig(r=4, alpha=8, use_rslora=True), lambda: peft.LoraConfig(
+        r=4, lora_alpha=8, use_rslora=True, init_lora_weights=False, task_type="CAUSAL_LM"),
+        "lora"),
+    "dora": (lora.LoraConfig(r=4, alpha=8, use_dora=True, target_modules="all-linear"),
+             lambda: peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear",
+                                     init_lora_weights=False, task_type="CAUSAL_LM"), None),
+    "ia3": (ia3.IA3Config(), lambda: peft.IA3Config(init_ia3_weights=False,
+                                                    task_type="CAUSAL_LM"), "ia3"),
+}
+
+
+def targets(model_type, method):
+    """The target spec of METHODS[method] on a family: its preset, or "all-linear"."""
+    preset = METHODS[method][2]
+    return "all-linear" if preset is None else family(model_type).presets.target(preset)
+
+
+def base_logits(pre, _cache={}):
+    """The base model's logits over the valid positions, once per model."""
+    if id(pre) not in _cache:
+        _cache[id(pre)] = (pre, ours(pre, pre.params, None)[VALID])
+    return _cache[id(pre)][1]
+
+
+def export_to_peft(model, pre, tree, cfg, out_dir, mutate=None):
+    """(our logits, PEFT's with our export loaded) over the valid positions;
+    `mutate(directory, cfg)` edits the exported files first (a mutation)."""
+    out = fa.save_adapter(split(tree).trainable, cfg, out_dir, pre.config.model_type)
+    if mutate is not None:
+        mutate(out, cfg)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(out)).eval()
+    return ours(pre, tree, cfg)[VALID], theirs(loaded)[VALID]
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -73,18 +126,19 @@ def test_export_loads_in_peft_with_same_logits(tiny, tmp_path, name, method):
     model_type = pre.config.model_type
     cfg = METHODS[method][0]
     tree = perturb(fa.inject(pre.params, cfg, jax.random.key(0), model_type))
-    out = fa.save_adapter(split(tree).trainable, cfg, tmp_path / "adapter", model_type)
-    config = json.loads((out / CONFIG_NAME).read_text())
+    mine, reference = export_to_peft(model, pre, tree, cfg, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
     # Our preset is PEFT's default for the family.
-    assert config["target_modules"] == sorted(family(model_type).presets.target(method))
-    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(out)).eval()
-    mine, reference = ours(pre, tree, cfg)[VALID], theirs(loaded)[VALID]
-    moved = np.abs(mine - ours(pre, pre.params, None)[VALID]).max()
-    diff = np.abs(mine - reference).max()
-    print(f"{name} {method}: max |ours - peft| = {diff:.1e} (the adapter moves logits {moved:.2f})")
-    # IA3's perturbed scales move these tiny models' logits least (~1e-2).
-    assert moved > 10 * TOL, "the adapter should change the outputs, or the test proves nothing"
-    assert diff <= TOL
+    spec = targets(model_type, method)
+    assert config["target_modules"] == (spec if spec == "all-linear" else sorted(spec))
+    if method != "ia3":
+        assert (config["use_rslora"], config["use_dora"]) == (method == "rslora",
+                                                              method == "dora")
+    moved, err = rel_err(mine, base_logits(pre)), rel_err(mine, reference)
+    print(f"{name} {method}: max |ours - peft| / max |logit| = {err:.1e} "
+          f"(the adapter moves the logits by {moved:.2f} of their scale)")
+    assert moved > 100 * REL_TOL, "the adapter must change the outputs, or the test proves nothing"
+    assert err <= REL_TOL
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -93,15 +147,37 @@ def test_peft_saved_adapter_imports_with_same_logits(tiny, tmp_path, name, metho
     _, model, pre = tiny(name)
     model_type = pre.config.model_type
     torch.manual_seed(1)
-    pm = peft.get_peft_model(copy.deepcopy(model), METHODS[method][1]()).eval()  # default targets
+    pm = peft.get_peft_model(copy.deepcopy(model), METHODS[method][1]()).eval()
+    with torch.no_grad():  # DoRA's magnitude starts at the norms (m / n = 1): move it
+        for n, p in pm.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.3 * torch.randn_like(p))
     pm.save_pretrained(tmp_path / "adapter")
     tree, cfg = fa.load_adapter(tmp_path / "adapter", pre.params, model_type)
     # PEFT's default targets (BLOOM's IA3 says 'mlp.dense_4h_to_h') select our preset's sites.
     assert targeting.resolve(pre.params, cfg.target_modules) == targeting.resolve(
-        pre.params, family(model_type).presets.target(method))
-    diff = np.abs(ours(pre, tree, cfg)[VALID] - theirs(pm)[VALID]).max()
-    print(f"{name} {method}: max |ours - peft| = {diff:.1e}")
-    assert diff <= TOL
+        pre.params, targets(model_type, method))
+    if method != "ia3":
+        assert (cfg.use_rslora, cfg.use_dora) == (method == "rslora", method == "dora")
+    mine, reference = ours(pre, tree, cfg)[VALID], theirs(pm)[VALID]
+    moved, err = rel_err(reference, base_logits(pre)), rel_err(mine, reference)
+    print(f"{name} {method}: max |ours - peft| / max |logit| = {err:.1e} (moved {moved:.2f})")
+    assert moved > 100 * REL_TOL
+    assert err <= REL_TOL
+
+
+@pytest.mark.parametrize("mutation", list(PEFT_MUTATIONS))
+def test_a_deliberate_error_in_the_export_fails_the_comparison(tiny, tmp_path, mutation):
+    """The mutation controls of test_adapters_lora on BLOOM (a fused
+    query_key_value, ALiBi): each error, written into our export, must move
+    PEFT's logits away from ours by more than 10x REL_TOL."""
+    _, model, pre = tiny("bloom")
+    method, mutate = PEFT_MUTATIONS[mutation]
+    cfg = METHODS[method][0]
+    tree = perturb(fa.inject(pre.params, cfg, jax.random.key(0), "bloom"))
+    err = rel_err(*export_to_peft(model, pre, tree, cfg, tmp_path / "adapter", mutate))
+    print(f"bloom, {mutation}: max |ours - peft| / max |logit| = {err:.1e}")
+    assert err > 10 * REL_TOL
 
 
 PROMPT_METHODS = {
@@ -109,25 +185,33 @@ PROMPT_METHODS = {
                lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)),
     "prompt": (prompt.PromptTuningConfig(num_virtual_tokens=P),
                lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)),
+    "p_tuning": (prompt.PTuningConfig(num_virtual_tokens=P, encoder_hidden_size=24),
+                 lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
+                                                  encoder_hidden_size=24)),
 }
 
 
 @pytest.mark.parametrize("method", list(PROMPT_METHODS))
 @pytest.mark.parametrize("name", FAMILIES)
 def test_prefix_and_prompt_tuning_match_peft(tiny, tmp_path, name, method):
-    """PEFT-initialised prompt / prefix, saved by PEFT, imported by us; and our
-    export loaded by PEFT. Positions on padded rows (see prompt.py): PEFT's
-    prompt rows number [virtual, padding, real] where the family counts
-    positions by index (GPT-J, NeoX: arange), so we pass it that numbering;
-    BLOOM (ALiBi) and OPT count valid tokens, as our default does. For prefix
-    tuning PEFT shifts explicit ids by P, so it gets our valid-token count."""
+    """PEFT-initialised prompt / prefix / P-tuning encoder, saved by PEFT (a
+    P-tuning prompt folded through its encoder), imported by us; for
+    P-tuning also our encoder computing from PEFT's trainable weights; and
+    our export loaded by PEFT. Positions on padded rows (see prompt.py):
+    PEFT's prompt rows number [virtual, padding, real] where the family
+    counts positions by index (GPT-J, NeoX: arange), so we pass it that
+    numbering; BLOOM (ALiBi) and OPT count valid tokens, as our default does.
+    For prefix tuning PEFT shifts explicit ids by P, so it gets our
+    valid-token count."""
+    from test_adapters_prompt import peft_encoder_to_ours
+
     path, _, pre = tiny(name)
     model_type = pre.config.model_type
     torch.manual_seed(1)
     pm = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(path),
                              PROMPT_METHODS[method][1]()).eval()
     tokens, mask = padded_batch(VOCAB)
-    by_index = method == "prompt" and model_type in ("gptj", "gpt_neox")
+    by_index = method != "prefix" and model_type in ("gptj", "gpt_neox")
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape) if by_index else None
     position_ids = np.maximum(np.cumsum(mask, 1) - 1, 0) if method == "prefix" else None
 
@@ -138,15 +222,21 @@ def test_prefix_and_prompt_tuning_match_peft(tiny, tmp_path, name, method):
     ref = peft_logits(pm)
     pm.save_pretrained(tmp_path / "peft")
     tree, cfg = fa.load_adapter(tmp_path / "peft", pre.params, model_type)
-    diffs = {"import": np.abs(ours(pre, tree, cfg, positions)[VALID] - ref).max()}
+    assert type(cfg) is type(PROMPT_METHODS[method][0])
+    errs = {"import": rel_err(ours(pre, tree, cfg, positions)[VALID], ref)}
+    if method == "p_tuning":
+        encoder = {**pre.params, **peft_encoder_to_ours(pm, method)}
+        errs["encoder"] = rel_err(ours(pre, encoder, PROMPT_METHODS[method][0], positions)[VALID],
+                                  ref)
     fa.save_adapter(tree, cfg, tmp_path / "ours", model_type)
     loaded = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path),
                                             tmp_path / "ours").eval()
-    diffs["export"] = np.abs(peft_logits(loaded) - ref).max()
-    moved = np.abs(ours(pre, tree, cfg, positions)[VALID] - ours(pre, pre.params, None)[VALID])
-    print(f"{name} {method}: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
-    assert moved.max() > 1e-2
-    assert max(diffs.values()) <= TOL, diffs
+    errs["export"] = rel_err(peft_logits(loaded), ref)
+    moved = rel_err(ref, base_logits(pre))
+    print(f"{name} {method}: max |ours - peft| / max |logit|: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()) + f" (moved {moved:.2f})")
+    assert moved > 100 * REL_TOL
+    assert max(errs.values()) <= REL_TOL, errs
 
 
 # PEFT names modules_to_save by the family's Hugging Face module names; OPT's
@@ -172,9 +262,9 @@ def test_modules_to_save_both_ways_with_peft(tiny, tmp_path, name):
     saved_in_peft = {n for n, _ in loaded.named_parameters() if "modules_to_save" in n}
     assert saved_in_peft, "PEFT wrapped no module: the exported names select nothing there"
     mine = ours(pre, tree, cfg)[VALID]
-    assert np.abs(mine - theirs(loaded)[VALID]).max() <= TOL
+    errs = {"export": rel_err(mine, theirs(loaded)[VALID])}
     lora_only = combine(pre.params, split(tree, lora.LoraConfig()).trainable)
-    assert np.abs(mine - ours(pre, lora_only, cfg)[VALID]).max() > 10 * TOL  # saved ones matter
+    saved_moved = rel_err(mine, ours(pre, lora_only, cfg)[VALID])
     # PEFT -> ours: PEFT's own file, saved modules trained (perturbed) in PyTorch.
     torch.manual_seed(1)
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
@@ -187,4 +277,9 @@ def test_modules_to_save_both_ways_with_peft(tiny, tmp_path, name):
     pm.save_pretrained(tmp_path / "peft")
     back, back_cfg = fa.load_adapter(tmp_path / "peft", pre.params, model_type)
     assert back_cfg.modules_to_save == SAVED[name]
-    assert np.abs(ours(pre, back, back_cfg)[VALID] - theirs(pm)[VALID]).max() <= TOL
+    errs["import"] = rel_err(ours(pre, back, back_cfg)[VALID], theirs(pm)[VALID])
+    print(f"{name} modules_to_save: max |ours - peft| / max |logit|: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
+          + f" (the saved modules move the logits by {saved_moved:.2f})")
+    assert saved_moved > 100 * REL_TOL  # the saved modules matter
+    assert max(errs.values()) <= REL_TOL, errs
