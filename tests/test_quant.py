@@ -13,6 +13,10 @@ the absmax values minus their mean, in blocks of 256 (in bitsandbytes'
 order: the blocked axis last), each block divided by its absmax and rounded
 to the nearest value of bitsandbytes' 8-bit dynamic map (its
 `create_dynamic_map`, copied below and run with torch).
+
+Where bitsandbytes is installed, NF4 (codes, absmax, double quantization,
+dequantized weights), the code books and int8 are also compared with
+bitsandbytes itself, on CPU (tests marked "bitsandbytes" below).
 """
 
 import dataclasses
@@ -154,6 +158,139 @@ def test_nf4_codes_match_the_reference_exactly(shape, axis, block, double_quant)
               * np.moveaxis(absmax, axis, -1)[..., None]).reshape(values.shape)
     expected = np.moveaxis(values[..., :shape[axis]], -1, axis)
     np.testing.assert_allclose(np.asarray(dequantize(q)), expected, rtol=1e-6, atol=0)
+
+
+# --- against bitsandbytes itself (CPU) ---------------------------------------
+#
+# bitsandbytes quantizes a PyTorch tensor flattened, in blocks of consecutive
+# values: for our weight `w` quantized along `axis`, that is `w` with `axis`
+# moved last (a kernel (in, out) along 0 is the torch weight (out, in)). Its
+# quantize_4bit on CPU is its portable torch kernel (nearest code by
+# bucketize on float32 midpoints, x * (1 / absmax)); its native CPU
+# quantize_blockwise (8-bit, used for double quantization) is not exactly
+# nearest: in 0.50.2 ~0.15% of values get a farther code (up to 4 codes away
+# near 0), so the 8-bit reference is its portable kernel, called directly.
+
+def bnb_functional():
+    return pytest.importorskip("bitsandbytes.functional")
+
+
+def bnb_portable_quantize_blockwise(x, code, blocksize):
+    """bitsandbytes' portable quantize_blockwise (the CompositeExplicitAutograd
+    kernel of torch.ops.bitsandbytes.quantize_blockwise), past its native CPU one."""
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    return torch.ops.bitsandbytes.quantize_blockwise.default.redispatch(keys, x, code, blocksize)
+
+
+def as_bnb(w, axis):
+    """`w` laid out as bitsandbytes blocks it: the blocked axis last, contiguous."""
+    return np.ascontiguousarray(np.moveaxis(np.asarray(w, np.float32), axis, -1))
+
+
+def bnb_order(x, axis):
+    """One of our arrays (codes, absmax) flattened in bitsandbytes' order."""
+    return np.moveaxis(np.asarray(x), axis, -1).reshape(-1)
+
+
+def test_code_books_equal_bitsandbytes():
+    """Our NF4 and 8-bit dynamic tables are bitsandbytes' own, bit for bit: its
+    NF4 table and create_normal_map() (256 values, zero-padded: 16 distinct)."""
+    F = bnb_functional()
+    np.testing.assert_array_equal(codes.NF4, F.get_4bit_type("nf4", device="cpu").numpy())
+    np.testing.assert_array_equal(codes.NF4, np.unique(F.create_normal_map().numpy()))
+    np.testing.assert_array_equal(codes.DYNAMIC, F.create_dynamic_map(signed=True).numpy())
+
+
+# (shape, axis, block, dtype): a kernel along in, an embedding along d,
+# blocks 128 and 32, a bfloat16 weight (both quantize its float32 values).
+BNB_CASES = [((256, 96), 0, 64, "float32"), ((96, 128), 1, 64, "float32"),
+             ((512, 64), 0, 128, "float32"), ((128, 64), 0, 32, "float32"),
+             ((256, 96), 0, 64, "bfloat16")]
+
+
+@pytest.mark.parametrize("shape, axis, block, dtype", BNB_CASES)
+def test_nf4_equals_bitsandbytes(shape, axis, block, dtype):
+    """bitsandbytes.functional.quantize_4bit(quant_type="nf4",
+    compress_statistics=False) and dequantize_4bit: the packed codes (nibble
+    order included), the absmax values and the dequantized weights are equal
+    bit for bit. Exact because both divide by the same float32 absmax and round
+    to the nearest code; they could differ only for a value within an ulp of a
+    decision boundary (bitsandbytes multiplies by 1 / absmax), which these
+    seeded weights do not have. Mutation controls: swapped nibbles and
+    round-down codes must not be equal."""
+    F = bnb_functional()
+    w = weights(shape).astype(jnp.dtype(dtype))
+    t = torch.tensor(as_bnb(w, axis)).to(getattr(torch, dtype))
+    packed, state = F.quantize_4bit(t, blocksize=block, quant_type="nf4",
+                                    compress_statistics=False)
+    q = quantize(jnp.asarray(w), "nf4", axis, block, double_quant=False)
+    ours = bnb_order(q.codes, axis)
+    np.testing.assert_array_equal(ours, packed.numpy().reshape(-1))
+    np.testing.assert_array_equal(bnb_order(q.absmax, axis), state.absmax.numpy())
+    deq = F.dequantize_4bit(packed, state).float().numpy()
+    np.testing.assert_array_equal(as_bnb(np.asarray(dequantize(q).astype(jnp.float32)), axis),
+                                  deq)
+
+    assert not np.array_equal((ours << 4) | (ours >> 4), packed.numpy().reshape(-1))
+    normed = as_bnb(w, axis).reshape(-1, block) / state.absmax.numpy()[:, None]
+    floor = np.searchsorted(codes.NF4, normed.reshape(-1), side="right") - 1
+    assert not np.array_equal((floor[0::2] << 4) | floor[1::2], packed.numpy().reshape(-1))
+
+
+@pytest.mark.parametrize("shape, axis, block, dtype", BNB_CASES[:3])
+def test_nf4_double_quant_equals_bitsandbytes(shape, axis, block, dtype):
+    """quantize_4bit(compress_statistics=True): the 4-bit codes bit for bit;
+    the offset (mean of the absmax values) and absmax2 to 1e-6 (float32 sums
+    in another order); the 8-bit codes of absmax - offset and their absmax2
+    exactly equal to bitsandbytes' portable quantize_blockwise (code =
+    create_dynamic_map(signed=True), blocks of 256); the dequantized weights
+    (bitsandbytes' dequantize_4bit with those statistics) to 1e-6 relative.
+    Mutation control: round-down 8-bit codes must not be equal."""
+    F = bnb_functional()
+    w = weights(shape)
+    t = torch.tensor(as_bnb(w, axis))
+    packed, state = F.quantize_4bit(t, blocksize=block, quant_type="nf4",
+                                    compress_statistics=True)
+    absmax = F.quantize_4bit(t, blocksize=block, quant_type="nf4")[1].absmax
+    q = quantize(w, "nf4", axis, block, double_quant=True)
+    np.testing.assert_array_equal(bnb_order(q.codes, axis), packed.numpy().reshape(-1))
+    np.testing.assert_allclose(float(q.offset), state.offset.item(), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(q.absmax2), state.state2.absmax.numpy(), rtol=1e-6)
+
+    dynamic = F.create_dynamic_map(signed=True)
+    ref8, ref_absmax2 = bnb_portable_quantize_blockwise(absmax - float(q.offset), dynamic, 256)
+    np.testing.assert_array_equal(bnb_order(q.absmax, axis), ref8.numpy())
+    np.testing.assert_array_equal(np.asarray(q.absmax2), ref_absmax2.numpy())
+    state.absmax, state.state2.absmax = ref8, ref_absmax2
+    state.offset = torch.tensor(float(q.offset))
+    np.testing.assert_allclose(as_bnb(dequantize(q), axis),
+                               F.dequantize_4bit(packed, state).numpy(), rtol=1e-6, atol=0)
+
+    normed = (absmax - float(q.offset)).numpy()
+    normed = np.pad(normed, (0, -normed.size % 256)).reshape(-1, 256) / ref_absmax2.numpy()[:, None]
+    floor = np.searchsorted(codes.DYNAMIC, normed.reshape(-1)[:absmax.numel()], side="right") - 1
+    assert not np.array_equal(floor, ref8.numpy())
+
+
+def test_int8_equals_bitsandbytes_vectorwise():
+    """Our int8 is LLM.int8()'s weight quantization: one absmax per output
+    channel, codes round(w * 127 / absmax). bitsandbytes'
+    int8_vectorwise_quant (threshold 0) on the torch weight (out, in), row by
+    row: codes and absmax equal exactly (we divide by absmax / 127, it
+    multiplies by 127 / absmax: they could differ only on a value within an
+    ulp of a .5, which these weights do not have); int8_vectorwise_dequant to
+    1e-6 relative (it multiplies by a rounded 1/127). Mutation control:
+    truncated codes must not be equal."""
+    F = bnb_functional()
+    w = weights((300, 70), seed=1)  # no all-zero channel: bitsandbytes divides by 0 there
+    q = quantize(w, "int8", axis=0)
+    rows, row_absmax, _ = F.int8_vectorwise_quant(torch.tensor(as_bnb(w, 0)))
+    np.testing.assert_array_equal(np.asarray(q.codes).T, rows.numpy())
+    np.testing.assert_array_equal(np.asarray(q.absmax)[0], row_absmax.numpy())
+    np.testing.assert_allclose(np.asarray(dequantize(q)).T,
+                               F.int8_vectorwise_dequant(rows, row_absmax).numpy(), rtol=1e-6)
+    truncated = np.trunc(w / (np.abs(w).max(0) / 127)).astype(np.int8)
+    assert not np.array_equal(truncated.T, rows.numpy())
 
 
 def test_nf4_error_is_within_half_a_code_gap():
