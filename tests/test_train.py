@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from tiny import make_model_dir, run_config  # noqa: E402
+from tiny import LEARNING_RUN, make_model_dir, run_config  # noqa: E402
 
 import flax_adapters as fa  # noqa: E402
 from flax_adapters.checkpoints import load_pretrained  # noqa: E402
@@ -128,16 +128,23 @@ def test_targets_that_match_nothing(model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_cli_smoke(model_dir, tmp_path):
-    """The real entry point in a subprocess: trains, evaluates, exports."""
+    """The real entry point in a subprocess: it learns (held-out accuracy by
+    generation and the loss, see tiny.LEARNING_RUN) and exports."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "train", f"model.path={model_dir}", f"output_dir={out}",
-           "steps=4", "batch_size=4", "micro_batch_size=4", "eval_generate=4",
-           "max_new_tokens=8", "data.embedded_train_size=100", "data.val_set_size=8"]
+           *LEARNING_RUN]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert {"accuracy_before", "accuracy_after"} <= set(summary)
+    # 8 of the 64 problems more. Measured rises of 19-30 points over 3 seeds (this one,
+    # seed 0: 6.3% -> 29.7%; tiny.LEARNING_RUN); a run that learns only the answer's
+    # format gained at most 9 points, one whose adapter is not applied at evaluation 0.
+    assert summary["accuracy_after"] >= summary["accuracy_before"] + 0.125, summary
+    metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    # Chance at the first step (ln of the ~100-word vocabulary: 4.8); the held-out loss
+    # at the end 0.23 (0.23-0.46 over 3 seeds). With the noise head frozen it stays > 4.5.
+    assert metrics[0]["loss"] > 4 and metrics[-1]["val_loss"] < 1.0, (metrics[0], metrics[-1])
     for f in ("metrics.jsonl", "loss.png", "report.md", "adapter/adapter_config.json",
               "adapter/adapter_model.safetensors"):
         assert (out / f).exists(), f

@@ -84,3 +84,16 @@ def run_config(model_dir, out, *overrides):
     return config_lib.load(None, [f"model.path={model_dir}", f"output_dir={out}", *TINY_RUN,
                                   *overrides])
 
+
+# A run of the embedded recipe (LoRA r=16 on every linear layer) in which the tiny
+# model learns the held-out arithmetic, in ~45 s on a CPU. Its head and final norm
+# are noise from transformers' N(0, 0.02) init: frozen, they keep the logits within
+# about +-0.6, so LoRA alone cannot make a confident prediction (its loss stayed
+# above 4.5 over 150 steps), and they train beside it. Measured 2026-12-04 (tiny
+# model and run seeds 0, 1, 2) on 64 held-out problems: accuracy 6.3% -> 29.7%,
+# 4.7% -> 34.4%, 0% -> 18.8% in 600 steps, held-out loss 0.23-0.46 (from 4.8);
+# 150-400 steps learn the answer's format but not the sums (+6 to +9 points).
+LEARNING_RUN = ("steps=600", "batch_size=16", "micro_batch_size=16", "optim.lr=1e-2",
+                "adapter.settings.modules_to_save=[lm_head,norm]", "eval_generate=64",
+                "max_new_tokens=40", "data.embedded_train_size=2000", "eval_every=0",
+                "log_every=20", "checkpoint_every=0")
