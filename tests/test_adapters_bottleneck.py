@@ -18,7 +18,7 @@ move the logits by 0.79..1.32 of their scale, asserted at 100x REL_TOL.
 import json
 
 import numpy as np
-from families import sensitize
+from families import REL_TOL, rel_err, sensitize
 from tiny import padded_batch as tiny_padded_batch
 from tiny import perturb
 import pytest
@@ -43,7 +43,6 @@ from flax_adapters.models.config import LLAMA_7B  # noqa: E402
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             max_position_embeddings=256)
 MT = "llama"  # the tiny models' pre.config.model_type
-REL_TOL = 1e-5
 HEADS = {"mha": dict(num_attention_heads=4, num_key_value_heads=4),
          "gqa": dict(num_attention_heads=4, num_key_value_heads=2)}
 
@@ -73,11 +72,6 @@ def tiny(tmp_path_factory):
 
 def padded_batch():
     return tiny_padded_batch(TINY["vocab_size"])
-
-
-def rel_err(mine, ref) -> float:
-    """max |mine - ref| / max |ref|: the error relative to the logit scale."""
-    return float(np.abs(mine - ref).max() / np.abs(ref).max())
 
 
 def logits(pre, tree, cfg, tokens, mask):

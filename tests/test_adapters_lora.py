@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from families import sensitize
+from families import REL_TOL, rel_err, sensitize
 from tiny import padded_batch as tiny_padded_batch
 from tiny import perturb
 import optax
@@ -76,7 +76,6 @@ CONFIGS = {
                             target_modules="all-linear"),
     "ia3": ia3.IA3Config(),
 }
-REL_TOL = 1e-5
 MT = "llama"  # every tiny model here is a transformers LlamaConfig
 
 
@@ -100,11 +99,6 @@ def tiny(tmp_path_factory):
 
 def batch():
     return tiny_padded_batch(TINY["vocab_size"])
-
-
-def rel_err(mine, ref) -> float:
-    """max |mine - ref| / max |ref|: the error relative to the logit scale."""
-    return float(np.abs(mine - ref).max() / np.abs(ref).max())
 
 
 def ours(pre, tree, settings):

@@ -20,7 +20,7 @@ with `positions_bt = arange(t)`. Unpadded rows agree with the defaults.
 import json
 
 import numpy as np
-from families import sensitize
+from families import REL_TOL, rel_err, sensitize
 from tiny import padded_batch as tiny_padded_batch
 import pytest
 
@@ -46,7 +46,6 @@ MT = "llama"  # the tiny models' pre.config.model_type
 HEADS = {"mha": dict(num_attention_heads=4, num_key_value_heads=4),
          "gqa": dict(num_attention_heads=4, num_key_value_heads=2)}
 P = 5
-REL_TOL = 1e-5
 
 PEFT_CONFIGS = {
     "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P),
@@ -82,11 +81,6 @@ def tiny(tmp_path_factory):
 
 def padded_batch():
     return tiny_padded_batch(TINY["vocab_size"])
-
-
-def rel_err(mine, ref) -> float:
-    """max |mine - ref| / max |ref|: the error relative to the logit scale."""
-    return float(np.abs(mine - ref).max() / np.abs(ref).max())
 
 
 def peft_logits(model, is_prefix, tokens, mask):

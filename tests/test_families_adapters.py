@@ -30,7 +30,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from families import FAMILIES, VOCAB, save_tiny  # noqa: E402
+from families import FAMILIES, REL_TOL, VOCAB, rel_err, save_tiny  # noqa: E402
 from tiny import padded_batch  # noqa: E402
 
 import flax_adapters as fa  # noqa: E402
@@ -58,14 +58,6 @@ METHODS = {
 }
 # P-tuning feeds the prompt site like prompt tuning (its encoder is family-independent;
 # test_families_peft.py checks it against PEFT on each family).
-REL_TOL = 1e-5
-
-
-def rel_err(mine, ref) -> float:
-    """max |mine - ref| / max |ref|: the error relative to the logit scale."""
-    return float(np.abs(mine - ref).max() / np.abs(ref).max())
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """family -> (Pretrained, base logits) of a one-layer model: the sites are

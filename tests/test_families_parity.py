@@ -26,15 +26,13 @@ transformers = pytest.importorskip("transformers")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from families import FAMILIES, VARIANTS, VOCAB, save_tiny, tiny_models  # noqa: E402
+from families import FAMILIES, REL_TOL, VARIANTS, VOCAB, save_tiny, tiny_models  # noqa: E402
 from tiny import padded_batch  # noqa: E402
 
 from flax_adapters.activations import ACTIVATIONS  # noqa: E402
 from flax_adapters.checkpoints import load_pretrained  # noqa: E402
 from flax_adapters.generate import GenerationConfig, generate  # noqa: E402
 from flax_adapters.models import bloom, gptj, init_cache, layers, model_class  # noqa: E402
-
-REL_TOL = 1e-5
 
 
 def relative_error(torch_model, pre, config=None) -> float:

@@ -33,7 +33,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from families import FAMILIES, VOCAB, tiny_models  # noqa: E402
+from families import FAMILIES, REL_TOL, VOCAB, rel_err, tiny_models  # noqa: E402
 from test_adapters_lora import PEFT_MUTATIONS  # noqa: E402
 from tiny import padded_batch, perturb  # noqa: E402
 
@@ -44,13 +44,7 @@ from flax_adapters.checkpoints.adapter import CONFIG_NAME  # noqa: E402
 from flax_adapters.models import model_class  # noqa: E402
 from flax_adapters.models.registry import family  # noqa: E402
 
-REL_TOL = 1e-5
 P = 5
-
-
-def rel_err(mine, ref) -> float:
-    """max |mine - ref| / max |ref|: the error relative to the logit scale."""
-    return float(np.abs(mine - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")

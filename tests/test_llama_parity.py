@@ -15,7 +15,7 @@ import copy
 import dataclasses
 
 import numpy as np
-from families import sensitize
+from families import REL_TOL, sensitize
 from tiny import padded_batch as tiny_padded_batch
 import pytest
 
@@ -28,7 +28,6 @@ import jax.numpy as jnp  # noqa: E402
 from flax_adapters.checkpoints import load_pretrained  # noqa: E402
 from flax_adapters.models import LlamaForCausalLM, init_cache, layers, llama  # noqa: E402
 
-REL_TOL = 1e-5
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             max_position_embeddings=256, rms_norm_eps=1e-3)
 
