@@ -4,6 +4,12 @@ benchmarks).
 Called explicitly from `main()`, never at import: library code sets nothing
 process-wide.
 
+Why `matmul_precision` "auto" is "highest" on CPU only: XLA:CPU multiplies
+float32 in float32 whatever the setting (so full precision is free there, and
+the parity tests against transformers rely on it), while "highest" is
+several times slower than the default on GPU (float32 without TF32 tensor
+cores) and TPU (six bfloat16 passes instead of one); there the default is kept.
+
 Why `keep_freed_memory`: XLA:CPU allocates every activation buffer of a step
 with malloc and frees it at the end. glibc serves blocks above 128 KiB-32 MiB
 (its adaptive mmap threshold) with a fresh mmap and unmaps them on free, so
@@ -18,8 +24,32 @@ from __future__ import annotations
 import ctypes
 import sys
 
+import jax
+
 # glibc's mallopt parameter numbers (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+MATMUL_PRECISIONS = ("auto", "highest", "high", "default")
+
+
+def resolve_matmul_precision(value: str, backend: str) -> str:
+    """The `jax_default_matmul_precision` that `value` means on `backend`
+    ('cpu', 'gpu', 'tpu'): "auto" is "highest" on CPU and "default" elsewhere;
+    the others are themselves."""
+    if value not in MATMUL_PRECISIONS:
+        raise ValueError(f"unknown matmul precision {value!r}; choose one of "
+                         f"{', '.join(MATMUL_PRECISIONS)}")
+    if value == "auto":
+        return "highest" if backend == "cpu" else "default"
+    return value
+
+
+def set_matmul_precision(value: str) -> str:
+    """Sets `jax_default_matmul_precision` to what `value` means on the
+    default backend (`resolve_matmul_precision`). Returns what it set."""
+    precision = resolve_matmul_precision(value, jax.default_backend())
+    jax.config.update("jax_default_matmul_precision", precision)
+    return precision
 
 
 def keep_freed_memory() -> bool:

@@ -43,6 +43,10 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = doc(
         "storage dtype of the frozen base weights (adapters are always float32)", "float32")
     compute_dtype: Literal["float32", "bfloat16"] = doc("activation/matmul dtype", "float32")
+    matmul_precision: Literal["auto", "highest", "high", "default"] = doc(
+        "jax_default_matmul_precision for float32 matmuls; auto = highest on CPU (free "
+        "there) and the backend's default on GPU/TPU (TF32, bf16 passes: several times faster)",
+        "auto")
     remat: bool = doc("recompute each layer's activations in the backward pass", False)
     quantize: Literal["none", "nf4", "int8"] = doc(
         "quantize the frozen base at load (QLoRA NF4 or per-channel int8; kernels, and the "
@@ -370,12 +374,13 @@ def adapter_help() -> str:
     return "\n".join(lines)
 
 
-# What a resumed run may change: how it reports, checkpoints and is laid out
-# on devices. Everything else decides the numbers (the lr schedule depends on
-# `steps`), so resuming under a different value would not continue the run.
+# What a resumed run may change: how it reports, checkpoints, is laid out on
+# devices and rounds its float32 matmuls. Everything else decides the numbers
+# (the lr schedule depends on `steps`), so resuming under a different value
+# would not continue the run.
 RESUME_MAY_CHANGE = ("output_dir", "log_every", "eval_every", "checkpoint_every",
                      "keep_checkpoints", "eval_generate", "max_new_tokens", "mesh",
-                     "micro_batch_size", "model.remat")
+                     "micro_batch_size", "model.remat", "model.matmul_precision")
 
 
 def _settings(adapter: dict) -> dict:

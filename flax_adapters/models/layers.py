@@ -121,33 +121,80 @@ def attention_mask(q_slots_t: jax.Array, key_valid_bs: jax.Array,
     return causal_ts[None] & key_valid_bs[:, None, :].astype(bool)
 
 
+def attention_implementation(backend: str, dtype: Dtype, head_dim: int, q_len: int,
+                             k_len: int, has_bias: bool,
+                             compute_capability: str | None = None) -> str:
+    """The `implementation` of `jax.nn.dot_product_attention` for these
+    shapes: 'cudnn' (cuDNN's fused flash attention: no (b, h, t, s) scores in
+    memory) where it applies, else 'xla'.
+
+    cuDNN needs a CUDA GPU of compute capability >= 8.0, 16-bit inputs and a
+    head dim that is a multiple of 8, at most 128 (256 from Hopper, 9.0). Our
+    mask reaches it as an additive bias, and with a bias its backward pass
+    needs even query and key lengths. A scores bias (ALiBi's) keeps XLA: cuDNN
+    would add it in the inputs' 16-bit dtype (bfloat16: up to |bias| / 256 off)."""
+    if backend != "gpu" or has_bias or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return "xla"
+    try:
+        capability = tuple(int(c) for c in (compute_capability or "").split("."))
+    except ValueError:  # ROCm's "gfx90a" and the like
+        return "xla"
+    if capability < (8, 0):
+        return "xla"
+    max_head_dim = 256 if capability >= (9, 0) else 128
+    if head_dim % 8 or head_dim > max_head_dim or q_len % 2 or k_len % 2:
+        return "xla"
+    return "cudnn"
+
+
 def dot_attention(q_btkgn: jax.Array, k_bskn: jax.Array, v_bskn: jax.Array,
                   mask_bts: jax.Array, scale: float | None = None,
                   bias: jax.Array | None = None) -> jax.Array:
     """Softmax attention, scores and softmax in float32. `scale` defaults to
     1 / sqrt(head dim); `bias` (broadcastable to the (b, k, g, t, s) scores,
-    e.g. ALiBi's) is added before masking."""
-    scale = 1.0 / math.sqrt(q_btkgn.shape[-1]) if scale is None else scale
-    one_token = q_btkgn.shape[1] == 1
-    if one_token:
-        # Cached decoding: products summed in place read the cache in its
-        # (b, s, k, n) layout. As dots, XLA:CPU copies the whole K and V cache
-        # transposed at every step (SmolLM2, batch 16, ~480 slots: 260 -> 153 ms).
-        q_bkgn = q_btkgn[:, 0].astype(jnp.float32)
-        s_bskg = jnp.sum(q_bkgn[:, None] * k_bskn[:, :, :, None].astype(jnp.float32), axis=-1)
-        scores = jnp.transpose(s_bskg, (0, 2, 3, 1))[:, :, :, None] * scale
-    else:
-        scores = jnp.einsum("btkgn,bskn->bkgts", q_btkgn, k_bskn,
-                            preferred_element_type=jnp.float32) * scale
+    e.g. ALiBi's) is added before masking. A fully masked query row (left
+    padding) attends uniformly to every slot: finite, and ignored downstream.
+
+    Through `jax.nn.dot_product_attention`, cuDNN's flash attention where
+    `attention_implementation` allows it (the backend is read at trace time),
+    XLA's elsewhere; one-token decoding on CPU keeps its own form (below)."""
+    b, t, k, g, n = q_btkgn.shape
+    scale = 1.0 / math.sqrt(n) if scale is None else scale
+    backend = jax.default_backend()
+    if t == 1 and backend == "cpu":
+        return _decode_attention_cpu(q_btkgn, k_bskn, v_bskn, mask_bts, scale, bias)
+    if bias is not None:  # (b, k, g, t, s) -> (b, h, t, s), h = k * g as q's heads
+        bias = jnp.reshape(bias, (1,) * (5 - bias.ndim) + bias.shape)
+        if bias.shape[1:3] != (1, 1):
+            bias = jnp.broadcast_to(bias, (bias.shape[0], k, g, *bias.shape[3:]))
+        bias = bias.reshape(bias.shape[0], -1, *bias.shape[3:])
+    dtype = jnp.result_type(q_btkgn, k_bskn, v_bskn)  # one dtype for all three, as einsum's
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    impl = attention_implementation(backend, dtype, n, t, k_bskn.shape[1], bias is not None,
+                                    capability)
+    out_bthn = jax.nn.dot_product_attention(
+        q_btkgn.reshape(b, t, k * g, n).astype(dtype), k_bskn.astype(dtype),
+        v_bskn.astype(dtype), bias, mask_bts[:, None], scale=scale, implementation=impl)
+    return out_bthn.reshape(b, t, k, g, n)
+
+
+def _decode_attention_cpu(q_btkgn: jax.Array, k_bskn: jax.Array, v_bskn: jax.Array,
+                          mask_bts: jax.Array, scale: float,
+                          bias: jax.Array | None) -> jax.Array:
+    """Cached decoding (t = 1) on XLA:CPU: products summed in place read the
+    cache in its (b, s, k, n) layout. As dots, XLA:CPU copies the whole K and
+    V cache transposed at every step (SmolLM2, batch 16, ~480 slots: 260 ->
+    153 ms)."""
+    q_bkgn = q_btkgn[:, 0].astype(jnp.float32)
+    s_bskg = jnp.sum(q_bkgn[:, None] * k_bskn[:, :, :, None].astype(jnp.float32), axis=-1)
+    scores = jnp.transpose(s_bskg, (0, 2, 3, 1))[:, :, :, None] * scale
     if bias is not None:
         scores = scores + bias
     scores = jnp.where(mask_bts[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
-    if one_token:
-        p_bskg = jnp.transpose(probs[:, :, :, 0], (0, 3, 1, 2))
-        out_bkgn = jnp.sum(p_bskg[..., None] * v_bskn[:, :, :, None].astype(jnp.float32), axis=1)
-        return out_bkgn[:, None].astype(v_bskn.dtype)
-    return jnp.einsum("bkgts,bskn->btkgn", probs.astype(v_bskn.dtype), v_bskn)
+    p_bskg = jnp.transpose(probs[:, :, :, 0], (0, 3, 1, 2))
+    out_bkgn = jnp.sum(p_bskg[..., None] * v_bskn[:, :, :, None].astype(jnp.float32), axis=1)
+    return out_bkgn[:, None].astype(v_bskn.dtype)
 
 
 class LayerNorm(nn.Module):
