@@ -150,3 +150,23 @@ def global_batch(batch: dict, accum: int, batch_sh: NamedSharding) -> dict:
         v = v.reshape(accum, v.shape[0] // accum, *v.shape[1:])
         out[k] = jax.make_array_from_process_local_data(batch_sh, v)
     return out
+
+
+def assemble(shape: tuple[int, ...], sharding: jax.sharding.Sharding,
+             make: Any) -> jax.Array:
+    """The global array of `shape` laid out by `sharding`, built shard by
+    shard: `make(index, device)` returns the single-device array of the
+    slice `index` (a tuple of slices, as `addressable_devices_indices_map`
+    gives) on `device`. Like `jax.make_array_from_callback`, except that the
+    callback knows the device, so it can compute there (e.g. quantize) rather
+    than on the default device; a slice that several devices replicate is
+    made once and copied."""
+    made: dict = {}
+    arrays = []
+    for device, index in sharding.addressable_devices_indices_map(tuple(shape)).items():
+        key = tuple(s.indices(n) for s, n in zip(index, shape))
+        if key in made:
+            arrays.append(jax.device_put(made[key], device))
+        else:
+            arrays.append(made.setdefault(key, make(index, device)))
+    return jax.make_array_from_single_device_arrays(tuple(shape), sharding, arrays)

@@ -86,7 +86,11 @@ def build(cfg: TrainConfig, devices=None) -> Setup:
     adapter_cfg = cfg.adapter.build()
     # Trained base modules (modules_to_save) stay in float when the base is quantized.
     quant_cfg = cfg.model.quant_config(getattr(adapter_cfg, "modules_to_save", ()))
-    pre = fa.load_pretrained(model_path, dtype=cfg.model.param_dtype, quantize=quant_cfg)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    # Straight into the frozen shardings: no device ever holds a whole weight
+    # that its sharding splits (checkpoints/hf.py, quant/sharded.py).
+    pre = fa.load_pretrained(model_path, dtype=cfg.model.param_dtype, quantize=quant_cfg,
+                             mesh=mesh)
     if pre.tokenizer is None:
         raise TrainingError(f"{model_path} has no tokenizer files; training needs one")
     prepared = data_lib.prepare(cfg.data, pre.tokenizer, batch_size=cfg.batch_size,
@@ -98,16 +102,18 @@ def build(cfg: TrainConfig, devices=None) -> Setup:
     adapted = fa.adapt(pre, adapter_cfg, jax.random.fold_in(jax.random.key(cfg.seed), 1),
                        dtype=compute, remat=cfg.model.remat)
     return Setup(adapted.model, pre.tokenizer, adapter_cfg, adapted.model_type,
-                 *place(adapted, cfg, devices), prepared, pre.hf_config)
+                 *place(adapted, cfg, devices, mesh), prepared, pre.hf_config)
 
 
-def place(adapted: fa.Adapted, cfg: TrainConfig, devices=None) -> tuple:
+def place(adapted: fa.Adapted, cfg: TrainConfig, devices=None, mesh=None) -> tuple:
     """(mesh, frozen, state, state shardings, frozen shardings): the adapted
-    tree split, laid out on the mesh of `cfg.mesh`, and the optimizer state."""
+    tree split, laid out on `mesh` (default: the mesh of `cfg.mesh`), and the
+    optimizer state. Base leaves already loaded into their shardings on
+    `mesh` stay where they are (device_put to the same sharding is a no-op)."""
     frozen, trainable = adapted.split()
     if not trainable:
         raise TrainingError("the adapter added no trainable leaves; nothing would be trained")
-    mesh = sharding.make_mesh(cfg.mesh, devices)
+    mesh = sharding.make_mesh(cfg.mesh, devices) if mesh is None else mesh
     if cfg.micro_batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise TrainingError(f"micro_batch_size={cfg.micro_batch_size} must be divisible by "
                             f"data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']}")

