@@ -33,6 +33,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      "fine-tuned model directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="storage dtype of the base weights")
+    p.add_argument("--compute_dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the activations (logits stay float32), as model.compute_dtype "
+                        "in training")
+    p.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"],
+                   help="quantize the base weights as they are read, as model.quantize in "
+                        "training")
+    p.add_argument("--mesh", help="evaluate on a device mesh, e.g. data=8 or "
+                                  "data=2,fsdp=2,tensor=2 (-1: the remaining devices): prompts "
+                                  "data-parallel, the base sharded as in training, read straight "
+                                  "into its shards (default: one device)")
     p.add_argument("--template", default="alpaca",
                    help="prompt template, as in training: alpaca, llm_adapters or chat")
     p.add_argument("--limit", type=int, help="evaluate the first N examples of each dataset")
@@ -51,13 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     from flax_adapters.runtime import keep_freed_memory
     keep_freed_memory()  # before JAX allocates anything; see flax_adapters/runtime.py
     from eval.run import EvalConfig, markdown_table, run  # after parsing: --help stays fast
-    cfg = EvalConfig(datasets=tuple(args.datasets), output_dir=args.output_dir,
-                     data_path=args.data_path, generations=args.generations, model=args.model,
-                     adapter=args.adapter, dtype=args.dtype, template=args.template,
-                     limit=args.limit, batch_size=args.batch_size,
-                     max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                     letter_rule=args.letter_rule)
-    try:
+    try:  # a bad value (e.g. --mesh data=3 on 8 devices) is one error line, not a traceback
+        cfg = EvalConfig(datasets=tuple(args.datasets), output_dir=args.output_dir,
+                         data_path=args.data_path, generations=args.generations,
+                         model=args.model, adapter=args.adapter, dtype=args.dtype,
+                         template=args.template, limit=args.limit, batch_size=args.batch_size,
+                         max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                         letter_rule=args.letter_rule, compute_dtype=args.compute_dtype,
+                         quantize=args.quantize, mesh=args.mesh)
         summary = run(cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from eval import extract
 from eval.generator import Generator, encode_prompts, load_generator
 from eval.tasks import Task, check_labels, check_records, get_task, load_task_records, read_records
+from flax_adapters import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,9 @@ class EvalConfig:
     max_new_tokens: int | None = None  # None: per task, 256 math / 32 commonsense
     num_beams: int = 1
     letter_rule: str = "robust"  # the rule behind `accuracy` on letter tasks (AQuA)
+    compute_dtype: str = "float32"  # the model's activations (logits stay float32)
+    quantize: str = "none"  # the base as it is read: none, nf4 or int8
+    mesh: str | None = None  # "data=2,fsdp=2,tensor=2" (-1: the rest); None: one device
 
     def __post_init__(self):
         if not self.datasets:
@@ -69,6 +73,41 @@ class EvalConfig:
         if self.letter_rule not in extract.LETTER_RULES:
             raise ValueError(f"--letter_rule must be one of {extract.LETTER_RULES}, "
                              f"got {self.letter_rule!r}")
+        for name, value, choices in (("dtype", self.dtype, DTYPES),
+                                     ("compute_dtype", self.compute_dtype, DTYPES),
+                                     ("quantize", self.quantize, QUANTIZE)):
+            if value not in choices:
+                raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
+        if self.mesh is not None:
+            mesh_config(self.mesh)  # a malformed spec fails before any loading
+
+
+DTYPES = ("float32", "bfloat16")
+QUANTIZE = ("none", "nf4", "int8")
+
+
+def mesh_config(spec: str) -> sharding.MeshConfig:
+    """`--mesh data=2,fsdp=2,tensor=2` (train's mesh.data / mesh.fsdp /
+    mesh.tensor) as a sharding.MeshConfig. An axis left out is 1, except
+    data when no axis is -1: it takes the remaining devices, as in train."""
+    sizes: dict[str, int] = {}
+    for part in filter(None, spec.replace(" ", ",").split(",")):
+        key, eq, value = part.partition("=")
+        if not eq or key not in sharding.MESH_AXES or key in sizes:
+            raise ValueError(f"--mesh {spec!r}: expected comma-separated AXIS=SIZE with each "
+                             f"axis one of {', '.join(sharding.MESH_AXES)} at most once, e.g. "
+                             "--mesh data=2,fsdp=2,tensor=2")
+        try:
+            sizes[key] = int(value)
+        except ValueError:
+            raise ValueError(f"--mesh {spec!r}: {key}={value!r} is not an integer") from None
+        if sizes[key] < 1 and sizes[key] != -1:
+            raise ValueError(f"--mesh {spec!r}: {key}={value} must be a device count >= 1, or "
+                             "-1 for the remaining devices")
+    if not sizes:
+        raise ValueError(f"--mesh {spec!r}: name at least one axis, e.g. --mesh data=8")
+    return sharding.MeshConfig(**{"data": -1 if -1 not in sizes.values() else 1, "fsdp": 1,
+                                  "tensor": 1, **sizes})
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -201,8 +240,9 @@ def run(cfg: EvalConfig) -> dict:
         rows_by_task[task.name] = score_generations_file(task, cfg.generations, cfg.limit)
     else:
         loaded = [(t, load_task_records(t, cfg.data_path, cfg.limit)) for t in tasks]
+        mesh = None if cfg.mesh is None else sharding.make_mesh(mesh_config(cfg.mesh))
         generator = load_generator(cfg.model, cfg.adapter, cfg.dtype, cfg.num_beams,
-                                   cfg.batch_size)
+                                   cfg.batch_size, cfg.compute_dtype, cfg.quantize, mesh)
         for i, (task, (records, _)) in enumerate(loaded):
             rows, timing = evaluate_task(generator, task, records, cfg.template,
                                          cfg.max_new_tokens, f"{task.name} [{i + 1}/{len(loaded)}]")
