@@ -38,6 +38,13 @@ QUESTIONS = [
 ]
 
 
+def chat_prompts(tokenizer, questions=QUESTIONS) -> list[list[int]]:
+    """Token ids of each question as a chat user turn, with the generation prompt."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
+                                          add_generation_prompt=True,
+                                          return_dict=True)["input_ids"] for q in questions]
+
+
 def torch_generate(torch, model, prompts, n_new, pad_id):
     """transformers greedy decode of left-padded prompts; returns (b, n_new) new tokens."""
     width = max(map(len, prompts))
@@ -79,9 +86,7 @@ def main():
     torch_model.generation_config.eos_token_id = None  # exactly n_new tokens, as ours
 
     tok = pre.tokenizer
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
-                                       add_generation_prompt=True, return_dict=True)["input_ids"]
-               for q in QUESTIONS]
+    prompts = chat_prompts(tok)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     n_new = args.new_tokens
     gen_cfg = GenerationConfig(max_new_tokens=n_new, eos_token_ids=(), pad_token_id=pad_id)

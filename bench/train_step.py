@@ -194,9 +194,11 @@ def adapter_config(method: str, dropout: float):
     return METHODS[METHOD_NAMES[method]].config(**settings)
 
 
-def ours_setup(pre, batch: int, method: str, dropout: float, steps: int = 1000):
+def ours_setup(pre, batch: int, method: str, dropout: float, steps: int = 1000,
+               dtype: str = "float32"):
     """(Setup, TrainConfig), built as `train.loop.build` builds them (minus
-    tokenizer and data: `loop.place` lays out the same adapted tree)."""
+    tokenizer and data: `loop.place` lays out the same adapted tree); `dtype`
+    is the compute dtype (bench.accelerator runs bfloat16)."""
     import jax
     import jax.numpy as jnp
 
@@ -207,7 +209,7 @@ def ours_setup(pre, batch: int, method: str, dropout: float, steps: int = 1000):
     cfg = TrainConfig(steps=steps, batch_size=batch, micro_batch_size=batch,
                       optim=OptimConfig(lr=LR, weight_decay=0.0, max_grad_norm=1.0))
     adapted = fa.adapt(pre, adapter_config(method, dropout),
-                       jax.random.fold_in(jax.random.key(cfg.seed), 1), dtype=jnp.float32)
+                       jax.random.fold_in(jax.random.key(cfg.seed), 1), dtype=jnp.dtype(dtype))
     return loop.Setup(adapted.model, None, adapted.cfg, adapted.model_type,
                       *loop.place(adapted, cfg), None), cfg
 
@@ -221,13 +223,13 @@ def ours_batch(tokens_bt: np.ndarray, batch_sh):
 class Ours:
     """Our step as the training loop runs it: `train.loop.compile_steps`."""
 
-    def __init__(self, pre, batch, method, dropout):
+    def __init__(self, pre, batch, method, dropout, dtype="float32"):
         import jax
 
         from train import loop
 
         self.jax = jax
-        self.setup, self.cfg = ours_setup(pre, batch, method, dropout)
+        self.setup, self.cfg = ours_setup(pre, batch, method, dropout, dtype=dtype)
         self.step_fn, _, self.batch_sh = loop.compile_steps(self.setup, self.cfg)
         self.state, self.frozen = self.setup.state, self.setup.frozen
         self.key = jax.random.key(self.cfg.seed)

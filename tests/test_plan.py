@@ -219,3 +219,60 @@ def test_dry_run_cli(capsys):
     assert main(["--config", "configs/llama7b_lora_math.yaml", "--dry_run",
                  "--num_devices", "3"]) == 2
     assert "must be divisible" in capsys.readouterr().err
+
+
+# Llama-2-7B's config.json (meta-llama/Llama-2-7b-hf): LLaMA-7B's shape with a
+# 4096-token context and rms_norm_eps 1e-5; 32 kv heads (no GQA at 7B).
+LLAMA2_7B = {"model_type": "llama", "hidden_act": "silu", "hidden_size": 4096,
+             "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 32, "rms_norm_eps": 1e-05, "vocab_size": 32000,
+             "max_position_embeddings": 4096, "rope_theta": 10000.0,
+             "tie_word_embeddings": False}
+
+
+def test_llama2_7b_lora_fits_on_a_v5e_8_and_one_80gb_gpu(tmp_path):
+    """The LoRA math recipe on Llama-2-7B: fsdp over the 8 chips of a v5e-8 (the
+    micro-batch raised to 8 rows, one per chip) and one 80 GB GPU (the recipe's
+    4 rows), with a bfloat16 and an NF4 base: all four fit, each verdict the
+    plan of that mesh itself."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
+    cfg = config_lib.load("configs/llama7b_lora_math.yaml", [f"model.path={tmp_path}"])
+    p = plan.make_plan(cfg, num_devices=1, references=True)
+    fits = {(f.machine.split()[0], f.base): f for f in p.references}
+    assert list(fits) == [("TPU", "bfloat16"), ("TPU", "bfloat16 + nf4"),
+                          ("one", "bfloat16"), ("one", "bfloat16 + nf4")]
+    assert all(f.fits and f.verdict.startswith("fits (") for f in fits.values())
+    tpu, gpu = fits["TPU", "bfloat16"], fits["one", "bfloat16"]
+    assert tpu.mesh == {"data": 1, "fsdp": 8, "tensor": 1} and gpu.mesh["fsdp"] == 1
+    assert (tpu.micro_batch_size, tpu.micro_per_device) == (8, 1)
+    assert (gpu.micro_batch_size, gpu.micro_per_device) == (4, 4)
+    assert tpu.device_memory == 16 * plan.GiB and gpu.device_memory == 80 * plan.GiB
+    # each verdict is the plan of that machine's mesh, from the shardings
+    direct = plan.make_plan(config_lib.load("configs/llama7b_lora_math.yaml", [
+        f"model.path={tmp_path}", "mesh.data=1", "mesh.fsdp=8", "micro_batch_size=8"]),
+        num_devices=8)
+    assert direct.total == tpu.total
+    # NF4 stores the base in about a quarter of bfloat16's bytes, on both machines
+    for machine in ("TPU", "one"):
+        saved = fits[machine, "bfloat16"].total - fits[machine, "bfloat16 + nf4"].total
+        base = 2 * 6_738_415_616 / (8 if machine == "TPU" else 1)  # Llama-2-7B, bfloat16
+        assert 0.65 * base < saved < 0.8 * base
+    assert 20 * plan.GiB < gpu.total < 40 * plan.GiB  # ~12.6 GiB base + ~12.7 GiB activations
+    text = plan.format_plan(p)
+    assert "fit on reference machines" in text and "TPU v5e-8 (8 x 16 GiB)" in text
+
+
+def test_reference_verdicts_that_do_not_fit(tmp_path):
+    """Full fine-tuning of Llama-2-7B (float32 AdamW state for 6.7B parameters)
+    fits on neither; a batch of 4 rows cannot be spread over 8 chips."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
+    full = config_lib.load("configs/llama7b_lora_math.yaml", [
+        f"model.path={tmp_path}", "adapter.method=full", "adapter.settings={}"])
+    fits = plan.reference_fits(full, bases=("none",))
+    assert [f.fits for f in fits] == [False, False]
+    assert all(f.verdict.startswith("DOES NOT FIT") for f in fits)
+    small = config_lib.load("configs/llama7b_lora_math.yaml", [
+        f"model.path={tmp_path}", "batch_size=4", "micro_batch_size=4"])
+    tpu, gpu = plan.reference_fits(small, bases=("none",))
+    assert not tpu.fits and tpu.micro_batch_size is None and "cannot run" in tpu.verdict
+    assert gpu.fits and gpu.micro_batch_size == 4

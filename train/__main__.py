@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return _dry_run(cfg, args)
 
-    from flax_adapters.runtime import keep_freed_memory
+    from flax_adapters.runtime import keep_freed_memory, set_matmul_precision
     keep_freed_memory()  # before JAX allocates anything; see flax_adapters/runtime.py
 
     import jax
@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if jax.process_index() > 0:  # process 0 speaks for all; warnings still show everywhere
         logging.getLogger().setLevel(logging.WARNING)
-    # Reproducible float32 matmuls: the default precision on some backends is
-    # bf16 passes; our parity claims are float32.
-    jax.config.update("jax_default_matmul_precision", "highest")
+    # Float32 matmul precision per backend (model.matmul_precision; "auto": full
+    # float32 on CPU, where it is free, the backend's fast default on GPU/TPU).
+    set_matmul_precision(cfg.model.matmul_precision)
 
     from train.loop import TrainingError, run
     from train.preempt import Preempted
@@ -144,7 +144,7 @@ def _dry_run(cfg, args) -> int:
         memory_gb = None if limit is None else limit / plan.GiB
     try:
         p = plan.make_plan(cfg, num_devices=args.num_devices or jax.device_count(),
-                           device_kind=kind, device_memory_gb=memory_gb)
+                           device_kind=kind, device_memory_gb=memory_gb, references=True)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -45,10 +45,18 @@ scheduler hoists the recomputation, so there remat saves almost nothing
 
 With tensor > 1 the activations are not divided by the tensor axis (how far
 XLA shards them there depends on its propagation): an upper bound.
+
+The dry run's plan ends with the same recipe re-planned on two reference machines
+(REFERENCE_MACHINES): a TPU v5e-8 (fsdp over its 8 chips of 16 GiB; the
+micro-batch raised to the smallest multiple of 8 rows that divides the
+batch) and one 80 GB GPU (one device, the recipe's micro-batch), each with a
+bfloat16 and an NF4 base. Each verdict is the full plan of that mesh,
+computed from its shardings like the plan above it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -66,8 +74,9 @@ import flax_adapters as fa
 from flax_adapters import sharding, tree
 from flax_adapters.adapters.axes import adapter_axes
 from flax_adapters.models import abstract_params, config_from_hf, logical_axes, model_class
-from flax_adapters.quant.params import quantize_params
+from flax_adapters.quant.params import QuantConfig, quantize_params
 from flax_adapters.step import optimizer_shardings, token_loss
+from flax_adapters.sharding import MeshConfig
 from train import data as data_lib
 from train.config import DEFAULT_STEPS, ModelConfig, TrainConfig, resolve_steps
 from train.loop import optimizer
@@ -123,6 +132,31 @@ def device_memory_gib(kind: str) -> float | None:
     if gpu:
         return float(size.group(1)) if size else 40.0 if gpu.group() == "a100" else 80.0
     return None
+
+
+class Machine(NamedTuple):
+    """A machine every plan is also checked on: its devices, the mesh a run
+    there takes (fsdp over a TPU host's chips: the frozen base is sharded, not
+    copied), and the memory of each device."""
+    name: str
+    num_devices: int
+    mesh: MeshConfig
+    memory_gib: float
+
+
+# TPU v5e: 16 GiB of HBM2 per chip, 8 chips on one v5e-8 host (Google Cloud's v5e
+# page). 80 GB GPUs: an A100 80GB has 81920 MiB (80 GiB); an H100 80GB reports
+# 81559 MiB (79.6 GiB) in nvidia-smi, so a verdict within 0.4 GiB of 80 is
+# optimistic there. JAX on a GPU may pool less than all of it (75% by default
+# in the versions whose XLA_PYTHON_CLIENT_MEM_FRACTION caps the pool; the
+# default policy changed across versions): the verdict is against the memory.
+REFERENCE_MACHINES: tuple[Machine, ...] = (
+    Machine("TPU v5e-8 (8 x 16 GiB)", 8, MeshConfig(data=1, fsdp=8, tensor=1), 16.0),
+    Machine("one 80 GB GPU", 1, MeshConfig(data=1, fsdp=1, tensor=1), 80.0),
+)
+# The bases each machine is checked with: bfloat16 storage, and NF4 (QLoRA)
+# kernels over it; compute stays the recipe's.
+REFERENCE_BASES: tuple[str, ...] = ("none", "nf4")
 
 
 # ----------------------------------------------------------------------------- model
@@ -193,6 +227,18 @@ def _dtype(name: str):
 # ----------------------------------------------------------------------- activations
 
 
+@contextlib.contextmanager
+def _quiet_targeting():
+    """Silences the adapter-targeting log for injections that are not the run's own."""
+    log = logging.getLogger("flax_adapters.adapters.targeting")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def residual_bytes(model_cfg: Any, adapter_cfg: Any, *, batch: int, seq_len: int,
                    compute_dtype: str = "float32", param_dtype: str = "float32",
                    remat: bool = False) -> int:
@@ -202,14 +248,9 @@ def residual_bytes(model_cfg: Any, adapter_cfg: Any, *, batch: int, seq_len: int
     step takes it; saved parameters, inputs and constants are not counted."""
     model_type = model_cfg.model_type
     base = cast_shapes(base_shapes(model_cfg)[0], _dtype(param_dtype))
-    targeting_log = logging.getLogger("flax_adapters.adapters.targeting")
-    level = targeting_log.level
-    targeting_log.setLevel(logging.WARNING)  # the cut models' sites are not the run's
-    try:
+    with _quiet_targeting():  # the cut models' sites are not the run's
         full = jax.eval_shape(
             lambda b: fa.inject(b, adapter_cfg, jax.random.key(0), model_type), base)
-    finally:
-        targeting_log.setLevel(level)
     frozen, trainable = fa.split(full, adapter_cfg, model_type)
     trainable = cast_shapes(trainable, jnp.float32)
     model = model_class(model_cfg)(model_cfg, dtype=_dtype(compute_dtype),
@@ -235,6 +276,7 @@ def residual_bytes(model_cfg: Any, adapter_cfg: Any, *, batch: int, seq_len: int
     return total
 
 
+@functools.lru_cache(maxsize=64)  # a plan and its reference machines share micro-batches
 def activation_bytes(model_cfg: Any, adapter_cfg: Any, *, batch: int, seq_len: int,
                      compute_dtype: str, param_dtype: str, remat: bool) -> int:
     """A of the module docstring."""
@@ -273,6 +315,7 @@ class Plan:
     device: str          # the device's name, or how its memory was given
     device_memory: int | None  # bytes per device, None when unknown
     notes: tuple = ()
+    references: tuple = ()  # a Fit per reference machine and base
 
     @property
     def total(self) -> int:
@@ -281,6 +324,12 @@ class Plan:
     @property
     def fits(self) -> bool | None:
         return None if self.device_memory is None else self.total <= self.device_memory
+
+
+@functools.lru_cache(maxsize=8)
+def _quantized_shapes(model_cfg: Any, param_dtype: str, quant_cfg: QuantConfig) -> dict:
+    base = cast_shapes(base_shapes(model_cfg)[0], _dtype(param_dtype))
+    return jax.eval_shape(lambda b: quantize_params(b, quant_cfg), base)
 
 
 def _per_device_bytes(shapes: Any, shardings: Any) -> int:
@@ -365,10 +414,70 @@ def abstract_split(base: dict, base_axes: dict, adapter_cfg: Any, model_type: st
                          sharding.tree_shardings(trainable_names, trainable, mesh))
 
 
+class Fit(NamedTuple):
+    """The verdict of a recipe on a reference machine with one base."""
+    machine: str
+    base: str
+    mesh: dict
+    micro_batch_size: int | None  # as the run there would set it; None: none works
+    micro_per_device: int | None
+    total: int | None  # bytes per device
+    device_memory: int
+    fits: bool
+    verdict: str
+
+
+def reference_micro_batch(cfg: TrainConfig, batch_shards: int) -> int | None:
+    """The micro_batch_size a run on `batch_shards` batch shards takes: the
+    recipe's own when they divide it, else the smallest multiple of them above
+    it that divides batch_size (fewer, larger micro-batches: the same loss);
+    None when batch_size has no such divisor."""
+    return next((m for m in range(cfg.micro_batch_size, cfg.batch_size + 1)
+                 if m % batch_shards == 0 and cfg.batch_size % m == 0), None)
+
+
+def reference_fits(cfg: TrainConfig, machines: tuple[Machine, ...] = REFERENCE_MACHINES,
+                   bases: tuple[str, ...] = REFERENCE_BASES) -> tuple[Fit, ...]:
+    """`cfg` re-planned on each machine (its mesh, the micro-batch it needs)
+    with each base (bfloat16 storage; "nf4": NF4 kernels and embeddings)."""
+    fits = []
+    for machine in machines:
+        shards = machine.mesh.data * machine.mesh.fsdp
+        micro = reference_micro_batch(cfg, shards)
+        for quantize in bases:
+            base = "bfloat16" + ("" if quantize == "none" else f" + {quantize}")
+            memory = int(machine.memory_gib * GiB)
+            mesh = dataclasses.asdict(machine.mesh)
+            if micro is None:
+                fits.append(Fit(machine.name, base, mesh, None, None, None, memory, False,
+                                f"cannot run: batch_size={cfg.batch_size} does not split "
+                                f"into micro-batches of a multiple of {shards} rows"))
+                continue
+            model = dataclasses.replace(cfg.model, param_dtype="bfloat16", quantize=quantize)
+            try:
+                with _quiet_targeting():  # the same sites as the plan's own, logged once
+                    p = make_plan(dataclasses.replace(cfg, model=model, mesh=machine.mesh,
+                                                      micro_batch_size=micro),
+                                  num_devices=machine.num_devices,
+                                  device_memory_gb=machine.memory_gib)
+            except ValueError as e:  # e.g. a dimension the mesh cannot shard
+                fits.append(Fit(machine.name, base, mesh, micro, None, None, memory, False,
+                                f"cannot plan: {e}"))
+                continue
+            share = p.total / memory
+            verdict = f"fits ({100 * share:.0f}%)" if p.fits else \
+                f"DOES NOT FIT ({100 * share:.0f}%)"
+            fits.append(Fit(machine.name, base, mesh, micro, p.micro_per_device, p.total,
+                            memory, bool(p.fits), verdict))
+    return tuple(fits)
+
+
 def make_plan(cfg: TrainConfig, *, num_devices: int, device_kind: str | None = None,
-              device_memory_gb: float | None = None) -> Plan:
+              device_memory_gb: float | None = None, references: bool = False) -> Plan:
     """The plan of `cfg` on `num_devices` devices. Device memory: `device_memory_gb`
-    (GiB), else the known memory of `device_kind`, else unknown."""
+    (GiB), else the known memory of `device_kind`, else unknown. `references`:
+    also re-plan it on REFERENCE_MACHINES with REFERENCE_BASES (`reference_fits`;
+    four more plans, ~0.7 s: `python -m train --dry_run` asks for them)."""
     hf, source = hf_config(cfg.model)
     model_cfg = config_from_hf(hf)
     model_type = model_cfg.model_type
@@ -387,7 +496,7 @@ def make_plan(cfg: TrainConfig, *, num_devices: int, device_kind: str | None = N
     quant_cfg = cfg.model.quant_config(getattr(adapter_cfg, "modules_to_save", ()))
     if quant_cfg is not None:
         quant_cfg = dataclasses.replace(quant_cfg, model_type=model_type)
-        base = jax.eval_shape(lambda b: quantize_params(b, quant_cfg), base)
+        base = _quantized_shapes(model_cfg, cfg.model.param_dtype, quant_cfg)
     frozen, trainable, frozen_names, trainable_names, frozen_sh, trainable_sh = abstract_split(
         base, base_axes, adapter_cfg, model_type, mesh)
 
@@ -441,7 +550,7 @@ def make_plan(cfg: TrainConfig, *, num_devices: int, device_kind: str | None = N
                 mesh=dict(mesh.shape), micro_per_device=micro, seq_len=cfg.data.cutoff_len,
                 accumulation=cfg.batch_size // cfg.micro_batch_size, steps=steps_text,
                 memory=memory, tensors=tensors, device=device, device_memory=device_memory,
-                notes=tuple(notes))
+                notes=tuple(notes), references=reference_fits(cfg) if references else ())
 
 # ----------------------------------------------------------------------------- output
 
@@ -480,6 +589,16 @@ def format_plan(p: Plan) -> str:
         verdict = "fits" if p.fits else "DOES NOT FIT"
         out.append(f"  {'device memory: ' + p.device:<68}{_gib(p.device_memory)}   {verdict} "
                    f"({100 * p.total / p.device_memory:.0f}%)")
+    if p.references:
+        out += ["", "fit on reference machines (re-planned: the mesh there, the micro-batch it "
+                "needs, each base)"]
+        rows = [(f.machine, f.base, " x ".join(f"{k}={v}" for k, v in f.mesh.items()),
+                 "-" if f.micro_batch_size is None else
+                 f"{f.micro_batch_size} ({f.micro_per_device} per device)",
+                 "-" if f.total is None else _gib(f.total).strip(),
+                 _gib(f.device_memory).strip(), f.verdict) for f in p.references]
+        out += ["  " + r for r in _table(("machine", "base", "mesh", "micro_batch_size",
+                                          "GiB per device", "of GiB", "verdict"), rows)]
     out += ["", "sharding (logical axes -> mesh axes, flax_adapters/sharding.py RULES)"]
     rows = [(name, f"x{count}" if count > 1 else "", "x".join(map(str, shape)) or "()",
              dtype, "(" + ", ".join(str(a) for a in ax) + ")", spec,
