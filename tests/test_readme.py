@@ -20,6 +20,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from families import REL_TOL, rel_err
 import pytest
 
 import flax_adapters as fa
@@ -277,11 +278,13 @@ def test_support_table_cell(family_base, tmp_path, family, adapter):
     fresh_logits = logits_of(fresh)
     assert np.isfinite(fresh_logits).all()
     if adapter in IDENTITY_AT_INIT:
-        # Exact up to additions of zeros and products with one, but DoRA's m / ||W|| is
-        # 1 only up to float32 rounding (observed 1.1e-5 on logits of ~8 under jit); a
-        # wrong init (B != 0, m = 1, l = 0) is off by O(1).
-        np.testing.assert_allclose(fresh_logits, base_logits,
-                                   atol=1e-4 if adapter == "DoRA" else 1e-6)
+        # Exact up to additions of zeros and products with one, but XLA fuses the
+        # adapted graph differently, and DoRA's m / ||W|| is 1 only up to float32
+        # rounding: within the parity tolerance of the logit scale (REL_TOL; measured
+        # 0..1.1e-6 on 2026-12-04); a wrong init (B != 0, m = 1, l = 0) is off by O(1).
+        err = rel_err(fresh_logits, base_logits)
+        print(f"{family} {adapter}: max |fresh - base| / max |logit| = {err:.1e}")
+        assert err <= REL_TOL, err
     # Random, non-trivial adapter leaves: they move the logits (by >= ~1 on these
     # models; an adapter the model ignores moves them by 0).
     tree = perturb(fresh)
