@@ -38,20 +38,23 @@ def model_dir(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def start(model_dir, out, *extra):
-    """A `python -m train` process; its stderr goes to a file beside `out`."""
-    cmd = [sys.executable, "-m", "train", f"model.path={model_dir}", f"output_dir={out}",
-           f"steps={STEPS}", "batch_size=8", "micro_batch_size=8", "checkpoint_every=1",
-           "keep_checkpoints=2", "eval_every=0", "log_every=0", "eval_generate=4",
-           "max_new_tokens=4", "optim.lr=1e-2", "optim.warmup_steps=1",
-           "data.embedded_train_size=200", "data.val_set_size=16", "adapter.settings.r=4",
-           *extra]
+def train_process(out, args):
+    """A `python -m train *args` process; its stderr goes to a file beside `out`."""
     n = len(list(out.parent.glob(f"{out.name}.*.err")))
     err = out.parent / f"{out.name}.{n}.err"
-    proc = subprocess.Popen(cmd, cwd=out.parent, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=open(err, "w"))
+    proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=out.parent, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=open(err, "w"))
     proc.err = err
     return proc
+
+
+def start(model_dir, out, *extra):
+    return train_process(out, [
+        f"model.path={model_dir}", f"output_dir={out}", f"steps={STEPS}", "batch_size=8",
+        "micro_batch_size=8", "checkpoint_every=1", "keep_checkpoints=2", "eval_every=0",
+        "log_every=0", "eval_generate=4", "max_new_tokens=4", "optim.lr=1e-2",
+        "optim.warmup_steps=1", "data.embedded_train_size=200", "data.val_set_size=16",
+        "adapter.settings.r=4", *extra])
 
 
 def finish(proc, timeout=600) -> tuple[int, str]:

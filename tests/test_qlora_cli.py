@@ -15,8 +15,7 @@ factors train, in float32, and they are what the export holds.
   the same parameter tree, leaf for leaf, as the trained state restored from
   the last checkpoint, and logits equal bit for bit.
 - `python -m eval --adapter DIR --quantize nf4` (the base as trained)
-  reproduces the trained run's held-out generations. (Where eval has no
-  `--quantize`, the test runs it on the float base and checks the scoring.)
+  reproduces the trained run's held-out generations.
 - On the float base (what PEFT users load) the model is the trained adapter
   over a base that differs by NF4's rounding: PEFT's logits equal ours on
   that base to float32 rounding (atol 1e-5), and both differ from the
@@ -25,7 +24,6 @@ factors train, in float32, and they are what the export holds.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -37,14 +35,13 @@ import pytest
 pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
+from test_preemption import ENV, train_process  # noqa: E402
+from test_preemption import finish as finish_process  # noqa: E402
 from tiny import make_model_dir  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 STEPS = 8
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# One CPU device in the subprocesses (the suite's 8 fake devices dropped).
-ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONPATH": ROOT}
 HELDOUT = 4  # held-out problems generated before and after training
 ARGS = ("model.quantize=nf4", f"steps={STEPS}", "batch_size=8", "micro_batch_size=8",
         "checkpoint_every=1", "keep_checkpoints=2", "eval_every=0", "log_every=0",
@@ -58,21 +55,12 @@ def overrides(model_dir, out):
 
 
 def start(model_dir, out, *extra):
-    err = out.parent / f"{out.name}.{len(list(out.parent.glob(out.name + '.*.err')))}.err"
-    proc = subprocess.Popen([sys.executable, "-m", "train", *overrides(model_dir, out), *extra],
-                            cwd=out.parent, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=open(err, "w"))
-    proc.err = err
-    return proc
+    """A train process (one CPU device: the suite's 8 fake devices dropped)."""
+    return train_process(out, [*overrides(model_dir, out), *extra])
 
 
-def finish(proc, timeout=300) -> tuple[int, str]:
-    try:
-        proc.wait(timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, proc.err.read_text()
+def finish(proc) -> tuple[int, str]:
+    return finish_process(proc, timeout=300)
 
 
 def saved_steps(out) -> list[int]:
@@ -202,36 +190,24 @@ def test_export_is_the_trained_adapter_in_peft_and_on_the_quantized_base(runs, m
     assert 0 < gap < 0.5
 
 
-def eval_has_quantize() -> bool:
-    from eval.__main__ import parse_args
-    try:
-        return parse_args(["--dataset", "gsm8k", "--output_dir", "x",
-                           "--quantize", "nf4"]).quantize == "nf4"
-    except SystemExit:
-        return False
-
-
 def test_python_m_eval_scores_the_exported_adapter(runs, model_dir, tmp_path):
     """`python -m eval --model DIR --adapter out/adapter` runs and scores the
-    held-out problems. With `--quantize nf4` (the base as it was trained on) its
-    generations are the trained run's own; an eval without that option runs on
-    the float base, where only the scoring is checked."""
+    held-out problems; with `--quantize nf4` (the base as it was trained on) its
+    generations are the trained run's own."""
     _, out = runs
     heldout = [json.loads(ln) for ln in (out / "heldout_after.jsonl").read_text().splitlines()]
     records = [{"instruction": h["question"], "input": "", "output": "", "answer": h["answer"]}
                for h in heldout]
     (tmp_path / "data.json").write_text(json.dumps(records))
-    quantize = ["--quantize", "nf4"] if eval_has_quantize() else []
     proc = subprocess.run([sys.executable, "-m", "eval", "--dataset", "gsm8k", "--data_path",
                            str(tmp_path / "data.json"), "--model", str(model_dir), "--adapter",
                            str(out / "adapter"), "--output_dir", str(tmp_path / "eval"),
-                           "--max_new_tokens", "4", *quantize], cwd=tmp_path, env=ENV,
+                           "--max_new_tokens", "4", "--quantize", "nf4"], cwd=tmp_path, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "summary.json").read_text())["datasets"]["gsm8k"]
     assert result["n"] == HELDOUT and 0 <= result["accuracy"] <= 1
-    if quantize:
-        rows = [json.loads(ln) for ln in (tmp_path / "eval" / "gsm8k.jsonl").read_text()
-                .splitlines()]
-        rows.sort(key=lambda r: r["index"])
-        assert [r["generation"] for r in rows] == [h["generation"] for h in heldout]
+    rows = [json.loads(ln) for ln in (tmp_path / "eval" / "gsm8k.jsonl").read_text()
+            .splitlines()]
+    rows.sort(key=lambda r: r["index"])
+    assert [r["generation"] for r in rows] == [h["generation"] for h in heldout]
