@@ -168,32 +168,24 @@ def hf_state_to_params(cfg: Any, state: Any, dtype: Any = np.float32,
         if np.dtype(arr.dtype).kind != "f" and arr.dtype != ml_dtypes.bfloat16:
             raise ValueError(f"tensor {name!r} has dtype {arr.dtype}; weights are floats (F32, "
                              "F16, BF16): the file is corrupted or not a model")
+        read = _reader(arr, transpose, name)
         if placement is not None:
-            leaf = _placed_leaf(path, _reader(arr, transpose, name), shape, arr.dtype, dtype,
-                                quantize, placement)
-            _set(params, path, leaf)
-            seen.add(path)
-            continue
-        value = np.asarray(arr)
-        if not np.isfinite(value).all():
-            raise ValueError(f"tensor {name!r} contains NaN or Inf; the file is corrupted -- "
-                             "download or convert it again")
-        value = value.T if transpose else value
-        leaf = quantize_leaf(path, value, quantize, dtype)
-        _set(params, path, jax.numpy.asarray(value.astype(dtype)) if leaf is value else leaf)
+            leaf = _placed_leaf(path, read, shape, arr.dtype, dtype, quantize, placement)
+        else:
+            value = read((slice(None),) * len(shape))  # the whole tensor, our layout
+            leaf = quantize_leaf(path, value, quantize, dtype)
+            if leaf is value:
+                leaf = jax.numpy.asarray(value.astype(dtype))
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
         seen.add(path)
     missing = sorted("/".join(p) for p in set(expected) - seen)
     if missing:
         some = [names.path_to_hf_name(tuple(m.split("/")), cfg.model_type) for m in missing[:3]]
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {some}")
     return params
-
-
-def _set(params: dict, path: tuple[str, ...], leaf: Any) -> None:
-    node = params
-    for key in path[:-1]:
-        node = node.setdefault(key, {})
-    node[path[-1]] = leaf
 
 
 def weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
