@@ -70,8 +70,9 @@ def worker(args) -> None:
     from bench.train_step import Ours
     from flax_adapters.checkpoints import default_model_path, load_pretrained
     from flax_adapters.quant.array import stored_bytes
+    from flax_adapters.runtime import set_matmul_precision
 
-    jax.config.update("jax_default_matmul_precision", "highest")  # as python -m train
+    set_matmul_precision("auto")  # as python -m train by default (highest on CPU)
     jnp.zeros(()).block_until_ready()  # start the runtime before the baseline
     before = resident_mb()
     dtype, quantize = BASES[args.worker]

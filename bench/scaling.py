@@ -40,11 +40,11 @@ def main(argv=None):
 
     from bench.train_step import (CompileCounter, Ours, load_ours, make_batches, make_tiny_dir,
                                   matmul_peak, model_dims, step_flops)
-    from flax_adapters.runtime import keep_freed_memory
+    from flax_adapters.runtime import keep_freed_memory, set_matmul_precision
 
     if args.mallopt:
         keep_freed_memory()
-    jax.config.update("jax_default_matmul_precision", "highest")  # as python -m train
+    set_matmul_precision("auto")  # as python -m train by default (highest on CPU)
     counter = CompileCounter()
     tmp = tempfile.TemporaryDirectory()
     pre = load_ours(make_tiny_dir(tmp.name) if args.model == "tiny" else None)

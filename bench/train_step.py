@@ -377,9 +377,8 @@ def worker(args) -> None:
     from flax_adapters.runtime import keep_freed_memory
     extra = {"mallopt": keep_freed_memory()} if args.mallopt else {}
     if side == "ours":
-        import jax
-        # As `python -m train` sets it: float32 matmuls at full precision.
-        jax.config.update("jax_default_matmul_precision", "highest")
+        from flax_adapters.runtime import set_matmul_precision
+        set_matmul_precision("auto")  # as `python -m train` by default (highest on CPU)
         counter = CompileCounter()
         pre = load_ours(args.model_dir)
         dims = model_dims(pre.config)
