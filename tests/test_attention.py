@@ -26,11 +26,14 @@ from flax_adapters.models.layers import attention_implementation, dot_attention
 NEG_INF = -1e30
 
 
-def einsum_attention(q_btkgn, k_bskn, v_bskn, mask_bts, scale=None, bias=None):
-    """The maths dot_attention had before jax.nn.dot_product_attention."""
+def einsum_attention(q_btkgn, k_bskn, v_bskn, mask_bts, scale=None, bias=None, softcap=None):
+    """The maths dot_attention had before jax.nn.dot_product_attention (and
+    Gemma 2's soft-capped scores, cap * tanh(scores / cap), as transformers')."""
     scale = 1.0 / math.sqrt(q_btkgn.shape[-1]) if scale is None else scale
     scores = jnp.einsum("btkgn,bskn->bkgts", q_btkgn, k_bskn,
                         preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     if bias is not None:
         scores = scores + bias
     scores = jnp.where(mask_bts[:, None, None], scores, NEG_INF)
@@ -164,3 +167,32 @@ def test_decoding_off_cpu_takes_jax_attention(monkeypatch):
     assert calls == ["xla"]
     chex.assert_trees_all_close(off_cpu, on_cpu, atol=2e-6, rtol=2e-6)
     np.testing.assert_array_equal(np.isfinite(off_cpu), True)
+
+
+@pytest.mark.parametrize("dtype, t, s, k, g, with_bias", [
+    (F32, 12, 14, 3, 3, False), (F32, 1, 14, 4, 1, True), (BF16, 12, 14, 4, 1, True),
+    (BF16, 1, 14, 3, 3, False)])
+def test_soft_capped_attention_equals_the_einsum_maths(dtype, t, s, k, g, with_bias):
+    """Gemma 2's soft-capping, prefill and one-token decoding: at scale 3 the
+    scores reach past the cap of 2, so the tanh shows (uncapped: far off)."""
+    q, k_, v, mask = inputs(dtype, t, s, k, g, seed=3)
+    bias = alibi(q.shape[0], k, s) if with_bias else None
+    got = jax.jit(dot_attention)(q, k_, v, mask, 3.0, bias, 2.0)
+    want = einsum_attention(q, k_, v, mask, 3.0, bias, 2.0)
+    assert got.dtype == want.dtype == dtype
+    chex.assert_trees_all_close(got.astype(F32), want.astype(F32), **tolerance(dtype))
+    uncapped = einsum_attention(q, k_, v, mask, 3.0, bias)
+    assert float(jnp.abs(uncapped.astype(F32) - want.astype(F32)).max()) > 0.1
+
+
+def test_soft_capping_never_reaches_jax_attention(monkeypatch):
+    """jax.nn.dot_product_attention has no soft-capping (neither XLA's form
+    nor cuDNN's): on a GPU, with 16-bit inputs cuDNN would take, soft-capped
+    scores are computed by dot_attention itself."""
+    q, k_, v, mask = inputs(BF16, 12, 14, seed=4)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *a, **kw: pytest.fail("soft-capped scores reached jax attention"))
+    got = jax.jit(dot_attention)(q, k_, v, mask, None, None, 50.0)
+    chex.assert_trees_all_close(got.astype(F32), einsum_attention(
+        q, k_, v, mask, None, None, 50.0).astype(F32), **tolerance(BF16))

@@ -3,10 +3,11 @@
 attention core (cache update, the prefix site, softmax attention), the stack
 of layers and the output head.
 
-Each family's model (llama.py, bloom.py, opt.py, gptj.py, gpt_neox.py) reads
-like its transformers modeling file and calls these for the parts that do
-not differ between families. They take the calling module `mdl` and create
-parameters and submodules in its scope, as the adapter sites do.
+Each family's model (llama.py, bloom.py, opt.py, gptj.py, gpt_neox.py,
+gemma.py) reads like its transformers modeling file and calls these for the
+parts that do not differ between families. They take the calling module
+`mdl` and create parameters and submodules in its scope, as the adapter
+sites do.
 
 Axis legend: b batch, t new tokens, s key slots, d model, k kv heads,
 g query heads per kv head, n head dim, v vocab, p prefix slots.
@@ -69,12 +70,16 @@ class Inputs(NamedTuple):
 
 def embed_inputs(mdl: nn.Module, embedding_vd: jax.Array, tokens_bt: jax.Array,
                  valid_bt: jax.Array | None, positions_bt: jax.Array | None,
-                 cache: Cache | None, sliding_window: int | None = None) -> Inputs:
+                 cache: Cache | None, sliding_window: int | None = None,
+                 embed_scale: float | None = None) -> Inputs:
     """Token lookup, default validity and positions, the prompt site, the mask.
 
     valid_bt defaults to all True; positions_bt by default count the row's
     valid tokens (left padding safe), continuing from the cache (a cached
-    prompt's virtual tokens excluded: sites.embed adds them back)."""
+    prompt's virtual tokens excluded: sites.embed adds them back).
+    `embed_scale` multiplies the looked-up embeddings, cast to the compute
+    dtype first (Gemma's sqrt(d)), before the prompt site: as in PEFT, whose
+    virtual tokens enter as inputs_embeds past the scaled embedding module."""
     b, t = tokens_bt.shape
     valid_bt = jnp.ones((b, t), bool) if valid_bt is None else valid_bt.astype(bool)
     if positions_bt is None:
@@ -82,6 +87,8 @@ def embed_inputs(mdl: nn.Module, embedding_vd: jax.Array, tokens_bt: jax.Array,
                                            - cache.get(sites.CACHED_PROMPT, 0))
         positions_bt = jnp.maximum(past_bt + jnp.cumsum(valid_bt, axis=1) - 1, 0)
     h_btd = qarray.take(embedding_vd, tokens_bt, mdl.dtype)
+    if embed_scale is not None:
+        h_btd = h_btd * jnp.asarray(embed_scale, mdl.dtype)
     # Prompt / prefix tuning: real positions start after the virtual tokens, and a
     # prompt's are prepended here (to h, valid, positions and the cache's slots).
     h_btd, valid_bt, positions_bt, cache = sites.embed(mdl, h_btd, valid_bt, positions_bt, cache)
@@ -96,14 +103,28 @@ def embed_inputs(mdl: nn.Module, embedding_vd: jax.Array, tokens_bt: jax.Array,
     return Inputs(h_btd, positions_bt, mask_bts, key_valid_bs, index, n_virtual, cache)
 
 
+def sliding_window_mask(x: Inputs, sliding_window: int) -> jax.Array:
+    """`x`'s mask restricted to a sliding window, for the families whose
+    layers alternate windowed and full attention (Gemma 2 / 3): embed_inputs
+    builds the full one."""
+    return attention_mask(x.index + jnp.arange(x.h_btd.shape[1]), x.key_valid_bs,
+                          sliding_window)
+
+
 def attend(mdl: nn.Module, q_btkgn: jax.Array, k_btkn: jax.Array, v_btkn: jax.Array,
            mask_bts: jax.Array, layer_cache: dict | None, index: jax.Array,
            scale: float | None = None,
-           bias_fn: Callable[[int], jax.Array] | None = None) -> tuple[jax.Array, dict | None]:
+           bias_fn: Callable[[int], jax.Array] | None = None,
+           softcap: float | None = None,
+           sliding_window: int | None = None) -> tuple[jax.Array, dict | None]:
     """Writes the new keys/values into the layer's cache slots, applies the
     prefix site (sites.kv) and attends. `bias_fn(p)` gives the scores bias
-    once the p prefix slots are known (ALiBi). Returns (out (b, t, k, g, n),
-    the layer's new cache)."""
+    once the p prefix slots are known (ALiBi); `softcap` soft-caps the scores
+    (dot_attention). `sliding_window`: the layer's window, which `mask_bts`
+    already applies; given, the p prefix slots count as the p slots before
+    the sequence and are seen only inside it, as in transformers' cache that
+    PEFT's prefix fills (Gemma 2 / 3). Returns (out (b, t, k, g, n), the
+    layer's new cache)."""
     if layer_cache is not None:
         zero = jnp.zeros((), jnp.int32)
         k_all = jax.lax.dynamic_update_slice(
@@ -116,16 +137,25 @@ def attend(mdl: nn.Module, q_btkgn: jax.Array, k_btkn: jax.Array, v_btkn: jax.Ar
         k_bskn, v_bskn = k_btkn, v_btkn
     s = k_bskn.shape[1]
     k_bskn, v_bskn, mask_bts = sites.kv(mdl, k_bskn, v_bskn, mask_bts)
-    bias = None if bias_fn is None else bias_fn(k_bskn.shape[1] - s)
-    return dot_attention(q_btkgn, k_bskn, v_bskn, mask_bts, scale, bias), layer_cache
+    p = k_bskn.shape[1] - s
+    if p and sliding_window is not None:  # query slot q sees prefix slot j if q + p - j < window
+        q_t = index + jnp.arange(q_btkgn.shape[1])
+        in_window_tp = q_t[:, None] + p - jnp.arange(p)[None, :] < sliding_window
+        mask_bts = mask_bts.at[:, :, :p].set(mask_bts[:, :, :p] & in_window_tp[None])
+    bias = None if bias_fn is None else bias_fn(p)
+    return (dot_attention(q_btkgn, k_bskn, v_bskn, mask_bts, scale, bias, softcap),
+            layer_cache)
 
 
 def decoder_stack(mdl: nn.Module, layer_cls: type[nn.Module], layer_args: tuple,
                   x: Inputs, h_btd: jax.Array, per_call: tuple, deterministic: bool,
-                  remat: bool) -> tuple[jax.Array, Cache | None]:
-    """Runs `num_hidden_layers` layers `layer_cls(*layer_args, name='layers_i')`,
-    each called as layer(h, *per_call, layer_cache, index, deterministic) and
-    returning (h, layer_cache). Returns (h, the new cache or None).
+                  remat: bool, layer_attrs: Callable[[int], dict] | None = None
+                  ) -> tuple[jax.Array, Cache | None]:
+    """Runs `num_hidden_layers` layers `layer_cls(*layer_args, name='layers_i')`
+    (plus the module attributes `layer_attrs(i)` where layers differ, e.g.
+    Gemma's layer type), each called as layer(h, *per_call, layer_cache,
+    index, deterministic) and returning (h, layer_cache). Returns (h, the new
+    cache or None).
 
     Layers are unrolled (not `nn.scan`): a scanned stack slices every weight
     out of a stacked array each step, which on CPU copies the whole model per
@@ -137,7 +167,8 @@ def decoder_stack(mdl: nn.Module, layer_cls: type[nn.Module], layer_args: tuple,
     h_btd = sharding.constrain(h_btd, "batch", None, None)
     for i in range(mdl.cfg.num_hidden_layers):
         name = f"layers_{i}"
-        h_btd, layer_cache = layer_cls(*layer_args, name=name)(
+        attrs = {} if layer_attrs is None else layer_attrs(i)
+        h_btd, layer_cache = layer_cls(*layer_args, **attrs, name=name)(
             h_btd, *per_call, None if cache is None else cache[name], x.index, deterministic)
         h_btd = sharding.constrain(h_btd, "batch", None, None)
         if new_cache is not None:

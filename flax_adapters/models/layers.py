@@ -149,20 +149,27 @@ def attention_implementation(backend: str, dtype: Dtype, head_dim: int, q_len: i
 
 def dot_attention(q_btkgn: jax.Array, k_bskn: jax.Array, v_bskn: jax.Array,
                   mask_bts: jax.Array, scale: float | None = None,
-                  bias: jax.Array | None = None) -> jax.Array:
+                  bias: jax.Array | None = None, softcap: float | None = None) -> jax.Array:
     """Softmax attention, scores and softmax in float32. `scale` defaults to
     1 / sqrt(head dim); `bias` (broadcastable to the (b, k, g, t, s) scores,
-    e.g. ALiBi's) is added before masking. A fully masked query row (left
-    padding) attends uniformly to every slot: finite, and ignored downstream.
+    e.g. ALiBi's) is added before masking. `softcap` (Gemma 2) soft-caps the
+    scaled scores to softcap * tanh(scores / softcap), before the bias and
+    the mask, as transformers. A fully masked query row (left padding)
+    attends uniformly to every slot: finite, and ignored downstream.
 
     Through `jax.nn.dot_product_attention`, cuDNN's flash attention where
     `attention_implementation` allows it (the backend is read at trace time),
-    XLA's elsewhere; one-token decoding on CPU keeps its own form (below)."""
+    XLA's elsewhere; one-token decoding on CPU keeps its own form (below).
+    Soft-capped scores are computed here on every backend (`_softcapped`):
+    jax.nn.dot_product_attention has no soft-capping, neither as XLA nor as
+    cuDNN."""
     b, t, k, g, n = q_btkgn.shape
     scale = 1.0 / math.sqrt(n) if scale is None else scale
     backend = jax.default_backend()
     if t == 1 and backend == "cpu":
-        return _decode_attention_cpu(q_btkgn, k_bskn, v_bskn, mask_bts, scale, bias)
+        return _decode_attention_cpu(q_btkgn, k_bskn, v_bskn, mask_bts, scale, bias, softcap)
+    if softcap is not None:
+        return _softcapped(q_btkgn, k_bskn, v_bskn, mask_bts, scale, bias, softcap)
     if bias is not None:  # (b, k, g, t, s) -> (b, h, t, s), h = k * g as q's heads
         bias = jnp.reshape(bias, (1,) * (5 - bias.ndim) + bias.shape)
         if bias.shape[1:3] != (1, 1):
@@ -178,9 +185,26 @@ def dot_attention(q_btkgn: jax.Array, k_bskn: jax.Array, v_bskn: jax.Array,
     return out_bthn.reshape(b, t, k, g, n)
 
 
+def _softcapped(q_btkgn: jax.Array, k_bskn: jax.Array, v_bskn: jax.Array, mask_bts: jax.Array,
+               scale: float, bias: jax.Array | None, softcap: float) -> jax.Array:
+    """dot_attention with soft-capped scores, in the operations of
+    jax.nn.dot_product_attention's XLA form (scores accumulated in float32
+    from the inputs' dtype, float32 softmax, probabilities in the values'
+    dtype), with the kv heads grouped rather than repeated."""
+    dtype = jnp.result_type(q_btkgn, k_bskn, v_bskn)
+    scores = jnp.einsum("btkgn,bskn->bkgts", q_btkgn.astype(dtype), k_bskn.astype(dtype),
+                        preferred_element_type=jnp.float32) * scale
+    scores = jnp.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias
+    scores = jnp.where(mask_bts[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("bkgts,bskn->btkgn", probs, v_bskn.astype(dtype))
+
+
 def _decode_attention_cpu(q_btkgn: jax.Array, k_bskn: jax.Array, v_bskn: jax.Array,
-                          mask_bts: jax.Array, scale: float,
-                          bias: jax.Array | None) -> jax.Array:
+                          mask_bts: jax.Array, scale: float, bias: jax.Array | None,
+                          softcap: float | None = None) -> jax.Array:
     """Cached decoding (t = 1) on XLA:CPU: products summed in place read the
     cache in its (b, s, k, n) layout. As dots, XLA:CPU copies the whole K and
     V cache transposed at every step (SmolLM2, batch 16, ~480 slots: 260 ->
@@ -188,6 +212,8 @@ def _decode_attention_cpu(q_btkgn: jax.Array, k_bskn: jax.Array, v_bskn: jax.Arr
     q_bkgn = q_btkgn[:, 0].astype(jnp.float32)
     s_bskg = jnp.sum(q_bkgn[:, None] * k_bskn[:, :, :, None].astype(jnp.float32), axis=-1)
     scores = jnp.transpose(s_bskg, (0, 2, 3, 1))[:, :, :, None] * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     if bias is not None:
         scores = scores + bias
     scores = jnp.where(mask_bts[:, None, None], scores, NEG_INF)
