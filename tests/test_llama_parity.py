@@ -45,6 +45,13 @@ VARIANTS = {
     "qwen2": (transformers.Qwen2Config, dict(num_attention_heads=4, num_key_value_heads=2)),
     "mistral": (transformers.MistralConfig, dict(
         num_attention_heads=4, num_key_value_heads=2, sliding_window=5)),
+    # head_dim 32 != hidden / heads: q_proj is (64 -> 128), o_proj (128 -> 64).
+    "qwen3": (transformers.Qwen3Config, dict(num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=32)),
+    # Every layer windowed: max_window_layers 0 (Qwen3's window starts at that layer).
+    "qwen3_sliding": (transformers.Qwen3Config, dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, use_sliding_window=True,
+        sliding_window=5, max_window_layers=0)),
 }
 
 
@@ -136,6 +143,13 @@ def _kv_head_of_query_head_modulo(monkeypatch, cfg):
     return cfg
 
 
+def _qk_norm_after_rope(monkeypatch, cfg):
+    monkeypatch.setattr(llama, "rope_heads",
+                        lambda norm, x, positions, inv_freq: norm(layers.apply_rope(
+                            x, positions, inv_freq)))
+    return cfg
+
+
 def _config(**changes):
     return lambda monkeypatch, cfg: dataclasses.replace(cfg, **changes)
 
@@ -150,6 +164,9 @@ MUTATIONS = {  # variant -> {deliberate error: inject(monkeypatch, config) -> co
     "llama3_rope": {"llama3 rope scaling ignored": _config(rope_scaling=None)},
     "mistral": {"sliding window ignored": _config(sliding_window=None)},
     "qwen2": {"q/k/v bias dropped": _config(attention_bias=False)},
+    "qwen3": {"q/k norm dropped": _config(qk_norm=False),
+              "q/k norm after rope": _qk_norm_after_rope},
+    "qwen3_sliding": {"sliding window ignored": _config(sliding_window=None)},
 }
 
 

@@ -1,10 +1,10 @@
 """Model configuration: one frozen dataclass for the LLaMA family.
 
 `LlamaConfig.from_hf(dict)` reads a Hugging Face `config.json` of model_type
-llama, mistral or qwen2, in both the transformers<5 spelling (`rope_theta`,
+llama, mistral, qwen2 or qwen3, in both the transformers<5 spelling (`rope_theta`,
 `rope_scaling`) and the transformers>=5 spelling (`rope_parameters`).
-Mistral and Qwen2 are LLaMA with one or two fields changed (sliding window,
-qkv bias), so they share the model code.
+Mistral, Qwen2 and Qwen3 are LLaMA with one or two fields changed (sliding
+window, qkv bias, per-head q/k RMSNorm), so they share the model code.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,7 @@ class LlamaConfig:
     o_bias: bool = False  # LLaMA's `attention_bias` also puts a bias on o_proj
     mlp_bias: bool = False
     sliding_window: int | None = None
+    qk_norm: bool = False  # RMSNorm of each q and k head over head_dim, before rope (Qwen3)
     max_position_embeddings: int = 2048
     model_type: str = "llama"
     bos_token_id: int | None = None
@@ -68,7 +69,9 @@ class LlamaConfig:
         if heads % kv_heads:
             raise ValueError(f"num_attention_heads={heads} is not a multiple of "
                              f"num_key_value_heads={kv_heads}")
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        # Qwen3Config's head_dim defaults to 128, not hidden_size // heads.
+        head_dim = hf.get("head_dim") or (128 if model_type == "qwen3"
+                                          else hf["hidden_size"] // heads)
 
         rope = dict(hf.get("rope_parameters") or {})
         legacy = hf.get("rope_scaling") or {}
@@ -93,10 +96,11 @@ class LlamaConfig:
 
         if model_type == "qwen2":
             qkv_bias, o_bias = True, False
-            window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+            window = _qwen_sliding_window(hf)
         else:
             qkv_bias = o_bias = bool(hf.get("attention_bias", False))
-            window = hf.get("sliding_window") if model_type == "mistral" else None
+            window = {"mistral": hf.get("sliding_window"),
+                      "qwen3": _qwen_sliding_window(hf)}.get(model_type)
         eos = hf.get("eos_token_id")
         return cls(
             vocab_size=hf["vocab_size"],
@@ -114,12 +118,40 @@ class LlamaConfig:
             o_bias=o_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             sliding_window=window,
+            qk_norm=model_type == "qwen3",
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
             model_type=model_type,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
             pad_token_id=hf.get("pad_token_id"),
         )
+
+
+def _qwen_sliding_window(hf: Mapping[str, Any]) -> int | None:
+    """Qwen2's and Qwen3's window as transformers 5.23 applies it:
+    `sliding_window` only if `use_sliding_window`, and only on the layers
+    that `layer_types` marks "sliding_attention" (by default those from
+    `max_window_layers` on). The model has one window for all layers, so a
+    mix of windowed and full layers is refused."""
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    if window is None:
+        return None
+    n, first = hf["num_hidden_layers"], hf.get("max_window_layers", 28)
+    types = hf.get("layer_types") or [
+        "sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    types = ["full_attention" if t == "attention" else t for t in types]  # the legacy spelling
+    unknown = set(types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ValueError(f"unsupported layer_types {sorted(unknown)} for {hf['model_type']}; "
+                         "supported: full_attention, sliding_attention")
+    sliding = types.count("sliding_attention")
+    if 0 < sliding < len(types):
+        raise ValueError(
+            f"{hf['model_type']}: {sliding} of {len(types)} layers use sliding-window attention "
+            f"(use_sliding_window with max_window_layers={first} or layer_types) and the rest "
+            "full attention; a per-layer mix is not supported. Use one kind for every layer: "
+            "use_sliding_window false, or max_window_layers 0 (all layers windowed)")
+    return window if sliding else None
 
 
 # Published shapes, used by the full-size eval_shape tests and the planner.

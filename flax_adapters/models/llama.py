@@ -1,4 +1,4 @@
-"""The LLaMA family as a Flax (linen) causal LM: LLaMA 1/2/3, Mistral, Qwen2.
+"""The LLaMA family as a Flax (linen) causal LM: LLaMA 1/2/3, Mistral, Qwen2, Qwen3.
 
 Follows transformers' `modeling_llama.py` operation for operation (RMSNorm in
 float32, half-split rotary layout, SiLU-gated MLP), so logits match it to
@@ -6,9 +6,12 @@ float32 rounding. Parameters mirror Hugging Face names so PEFT keys map
 one to one: `layers_3/self_attn/q_proj/kernel` is
 `model.layers.3.self_attn.q_proj.weight` transposed; `embed_tokens` (v, d),
 `norm/scale`, and `lm_head` (d, v) unless the embeddings are tied.
+Qwen3 (`modeling_qwen3.py`) adds `self_attn/q_norm/scale` and `k_norm/scale`
+(n,): an RMSNorm of each query and key head before rope (`qk_norm`); they
+are norms, not linear sites, so no adapter targets them.
 
 Axis legend: b batch, t new tokens, s key slots, d model, k kv heads,
-g query heads per kv head, n head dim, v vocab.
+g query heads per kv head, h heads (q or kv), n head dim, v vocab.
 
 The inputs, the KV cache, the attention core, the (unrolled) layer stack
 and the head are the shared skeleton of decoder.py.
@@ -42,6 +45,15 @@ PRESETS = Presets(
              "bottleneck": ("gate_proj", "up_proj", "down_proj"),  # AdapterH (series)
              "adapterp": ("down_proj",), "parallel": ("q_proj", "k_proj", "v_proj")},
     series_placement={"gate_proj": "input", "up_proj": "input", "down_proj": "output"})
+# Qwen2 and Qwen3: PEFT's IA3 mapping for them scales q, not k (LLM-Adapters has none of its own).
+QWEN_PRESETS = Presets(targets={**PRESETS.targets, "ia3": ("q_proj", "v_proj", "down_proj")},
+                       series_placement=PRESETS.series_placement)
+
+
+def rope_heads(norm, x_bthn, positions_bt, inv_freq):
+    """Rope of q or k heads (b, t, heads, n), after the per-head norm (Qwen3's
+    q_norm / k_norm; the identity elsewhere), in transformers' order."""
+    return apply_rope(norm(x_bthn), positions_bt, inv_freq)
 
 
 class Attention(nn.Module):
@@ -67,12 +79,20 @@ class Attention(nn.Module):
         v_btkn = v.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
 
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        q_btkgn = apply_rope(q_btkgn.reshape(b, t, -1, cfg.head_dim), positions_bt,
-                             inv_freq).reshape(q_btkgn.shape)
-        k_btkn = apply_rope(k_btkn, positions_bt, inv_freq)
 
+        def norm(name):  # Qwen3's per-head q_norm / k_norm; the identity elsewhere
+            if not cfg.qk_norm:
+                return lambda x: x
+            return RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
+
+        q_btkgn = rope_heads(norm("q_norm"), q_btkgn.reshape(b, t, -1, cfg.head_dim),
+                             positions_bt, inv_freq).reshape(q_btkgn.shape)
+        k_btkn = rope_heads(norm("k_norm"), k_btkn, positions_bt, inv_freq)
+
+        # With a window (Mistral, Mixtral), prefix slots are seen only inside it, as
+        # the cache slots before the sequence that PEFT's prefix fills in transformers.
         out_btkgn, layer_cache = attend(self, q_btkgn, k_btkn, v_btkn, mask_bts, layer_cache,
-                                        index)
+                                        index, sliding_window=cfg.sliding_window)
         out = dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, "o_proj")(
             out_btkgn.reshape(b, t, -1), deterministic)
         return out, layer_cache
