@@ -83,8 +83,10 @@ def layer_names(tree: dict) -> list[str]:
 
 
 # The key projections of the families: td is k_proj's output width, or a third of
-# a fused query_key_value's (BLOOM, GPT-NeoX: multi-head, laid out per head).
-_KEY_PROJECTIONS = {"k_proj": 1, "query_key_value": 3}
+# a fused query_key_value's (BLOOM, GPT-NeoX: multi-head, laid out per head), or
+# half of what a fused qkv_proj's holds beyond the queries, o_proj's input width
+# (Phi-3: [q | k | v] with grouped-query attention).
+_KEY_PROJECTIONS = {"k_proj": 1, "query_key_value": 3, "qkv_proj": None}
 
 
 def attention_module(layer: dict) -> str | None:
@@ -103,8 +105,11 @@ def kv_width(base: dict) -> int:
     attn = base["layers_0"][attention_module(base["layers_0"])]
     for name, parts in _KEY_PROJECTIONS.items():
         if name in attn:
-            return attn[name]["kernel"].shape[1] // parts
-    raise ValueError("layers_0's attention holds no k_proj or query_key_value")
+            width = attn[name]["kernel"].shape[1]
+            if parts is None:
+                return (width - attn["o_proj"]["kernel"].shape[0]) // 2
+            return width // parts
+    raise ValueError(f"layers_0's attention holds none of {sorted(_KEY_PROJECTIONS)}")
 
 
 def init(base: dict, cfg: PrefixConfig, key: jax.Array, ctx: Context | None = None) -> dict:
@@ -205,10 +210,11 @@ def to_json(cfg: PrefixConfig, adapter: dict, peft_targets) -> dict:
                     if "prefix_k" in tree[n].get(attention_module(tree[n]) or "", {})])
     td = width // (2 * n_layers)
     return {
-        "num_virtual_tokens": p, "token_dim": td, "num_layers": n_layers,
-        "num_transformer_submodules": 1,
-        # PEFT sets it from the base model's config when it loads (kv heads under GQA).
-        "num_attention_heads": None,
+        "num_virtual_tokens": p, "num_layers": n_layers, "num_transformer_submodules": 1,
+        # PEFT derives both from the base model's config when it loads: the kv heads and
+        # their width under GQA. A token_dim of td would be divided by the query heads
+        # where the config has no head_dim (Phi-3: 2 kv heads of 16 read as 4 of 8).
+        "token_dim": None, "num_attention_heads": None,
         "encoder_hidden_size": cfg.encoder_hidden_size or td,
         "prefix_projection": cfg.prefix_projection,
         "init_weights": "zero" if cfg.init == "zero" else None,
