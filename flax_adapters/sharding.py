@@ -32,6 +32,12 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),
     "vocab": ("tensor",),
+    # Mixtures of experts' stacked kernels (E, in, out): expert parallelism over tensor,
+    # where activations are replicated, so each tensor shard runs its own experts on
+    # every token and the outputs sum over the shards; 'mlp' in the same leaf then stays
+    # whole (a mesh axis shards one dimension). Where tensor does not divide E, the
+    # experts are replicated and 'mlp' takes tensor instead.
+    "expert": ("tensor",),
     "norm": None,
     "rank": None,  # adapter ranks and bottlenecks are small: replicated
 }

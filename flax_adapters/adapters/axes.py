@@ -12,6 +12,10 @@ takes the axis of the kernel dimension it shares and replicates the rest:
     lora_magnitude m (out,)      ('heads',)
     ia3            l (1, out)    (None, 'heads')     or (in, 1): ('embed', None)
 
+Experts' stacked kernels (E, in, out) ('expert', 'embed', 'mlp') give their
+LoRA leaves the expert axis first, then the same rule: A (E, in, r)
+('expert', 'embed', None), B (E, r, out) ('expert', None, 'mlp').
+
 So A is sharded like the kernel's rows and B like its columns: x @ A needs
 the same all-reduce as x @ W, and (x A) @ B lands already sharded like x @ W.
 An adapter leaf with no rule here is replicated (always correct; a method
@@ -66,6 +70,9 @@ def _walk(tree: dict, base_axes: dict, where: tuple[str, ...]) -> dict:
             out[name] = qarray.axes(value, tuple(base_axes[name]))
         elif name in RULES and "kernel" in base_axes:
             out[name] = RULES[name](tuple(np.shape(value)), tuple(base_axes["kernel"]))
+        elif name in RULES and "kernels" in base_axes:  # one leaf per expert, stacked
+            expert, *kernel = tuple(base_axes["kernels"])
+            out[name] = (expert, *RULES[name](tuple(np.shape(value))[1:], tuple(kernel)))
         else:
             out[name] = (None,) * len(np.shape(value))
     return out

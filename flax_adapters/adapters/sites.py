@@ -90,6 +90,24 @@ def linear(mdl: nn.Module, x: jax.Array, y: jax.Array, settings: Settings,
     return y
 
 
+def grouped_linear(mdl: nn.Module, x_ri: jax.Array, group_sizes_e: jax.Array, y_ro: jax.Array,
+                   settings: Settings) -> jax.Array:
+    """Output side of a grouped site: E experts' stacked kernels (E, in, out)
+    applied to rows sorted by expert (group_sizes_e[e] rows for expert e), y =
+    ragged_dot(x, kernels) on entry (models/moe.py). LoRA on the experts
+    (PEFT's target_parameters, lora.py), A (E, in, r) and B (E, r, out):
+    y + scale * ragged_dot(ragged_dot(x, A), B), each row through its own
+    expert's factors; no (E, in, out) delta is formed. No dropout: PEFT's
+    ParamWrapper has none (the dropped input cannot be factored out of the
+    merged expert weight), and no other method reaches these sites."""
+    a, b = _leaf(mdl, "lora_a"), _leaf(mdl, "lora_b")
+    if a is None:
+        return y_ro
+    h_rr = jax.lax.ragged_dot(x_ri, a.astype(y_ro.dtype), group_sizes_e)
+    return y_ro + settings.lora_scale * jax.lax.ragged_dot(h_rr, b.astype(y_ro.dtype),
+                                                           group_sizes_e)
+
+
 def _bottleneck_placement(mdl: nn.Module, settings: Settings) -> str | None:
     """Where this site's bottleneck adapter sits, or None without one."""
     if not mdl.has_variable("params", "adapter_down"):

@@ -37,15 +37,22 @@ class Presets:
     targets: method preset name -> module names (PEFT's / LLM-Adapters'
     target mappings: 'lora', 'ia3', 'ia3_feedforward', 'bottleneck'
     (AdapterH), 'adapterp', 'parallel'); series_placement: module name ->
-    'input' | 'output', where LLM-Adapters puts a series adapter."""
+    'input' | 'output', where LLM-Adapters puts a series adapter; notes:
+    preset name -> why the family has none (said when one is asked for);
+    peft_all_linear: whether PEFT's "all-linear" selects exactly our linear
+    sites (False for mixtures of experts: on transformers 5 PEFT also adapts
+    their router and experts), else exports name the modules."""
 
     targets: Mapping[str, tuple[str, ...]]
     series_placement: Mapping[str, str]
+    notes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    peft_all_linear: bool = True
 
     def target(self, method: str) -> tuple[str, ...]:
         if method not in self.targets:
-            raise ValueError(f"no target preset for {method!r} on this model family; give "
-                             "target_modules explicitly")
+            why = f" ({self.notes[method]})" if method in self.notes else ""
+            raise ValueError(f"no target preset for {method!r} on this model family{why}; "
+                             "give target_modules explicitly")
         return self.targets[method]
 
 
@@ -68,6 +75,34 @@ def linear_sites(tree: dict) -> list[str]:
         if name.endswith("/kernel"):
             sites.append(name.removesuffix("/kernel"))
     return sites
+
+
+def grouped_sites(tree: dict) -> list[str]:
+    """Every module of `tree` that holds `kernels`: a mixture's E experts'
+    stacked (E, in, out) kernels (models/moe.py), in tree order. They are not
+    linear sites: LoRA reaches them through `target_parameters` only, as
+    PEFT's ParamWrapper."""
+    return [path_str(path).removesuffix("/kernels")
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
+            if path_str(path).endswith("/kernels")]
+
+
+def resolve_parameters(tree: dict, names: Sequence[str]) -> list[str]:
+    """The grouped sites that parameter names select, by PEFT's rule for its
+    `target_parameters`: a suffix of the parameter's name, e.g.
+    'mlp.experts.gate_up_proj' (or 'mlp/experts/gate_up_proj') selects every
+    layer's `layers_i/mlp/experts/gate_up_proj`."""
+    sites = grouped_sites(tree)
+    wanted = tuple(n.replace(".", "/") for n in names)
+    unmatched = [n for n, w in zip(names, wanted) if not any(matches(s, (w,)) for s in sites)]
+    if unmatched:
+        have = sorted({".".join(s.split("/")[1:]) for s in sites})
+        raise ValueError(f"target_parameters {unmatched} match no stacked expert parameter; "
+                         + (f"this model's are {have}" if have else
+                            "this model has none (only mixtures of experts do)"))
+    chosen = [s for s in sites if matches(s, wanted)]
+    log.info("adapter target parameters: %d sites: %s", len(chosen), summarize(chosen))
+    return chosen
 
 
 def matches(site: str, names: Sequence[str]) -> bool:
@@ -109,8 +144,11 @@ def spec_for(peft_spec, found: list[str], candidates: list[str],
     found (PEFT saves it expanded), else an exact regex."""
     if isinstance(peft_spec, (list, tuple)):
         # PEFT's suffixes end at a '.', ours at a '/': 'mlp.dense_4h_to_h' -> 'mlp/dense_4h_to_h'.
-        names = tuple(sorted(x.replace(".", "/") for x in peft_spec))
-        if set(found) == {s for s in candidates if matches(s, names)}:
+        # PEFT lets a name match nothing if another matches (its Mixtral IA3 default "w2",
+        # a module transformers 5 no longer has); our specs refuse them, so they go.
+        names = tuple(sorted(x.replace(".", "/") for x in peft_spec
+                             if any(matches(s, (x.replace(".", "/"),)) for s in candidates)))
+        if names and set(found) == {s for s in candidates if matches(s, names)}:
             return names
     if all_linear and set(found) == {s for s in candidates if s != "lm_head"}:
         return "all-linear"

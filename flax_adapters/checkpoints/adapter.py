@@ -18,6 +18,14 @@ The format is the method's (its registered `Schema`, adapters/registry.py):
 
   <module> is the Hugging Face module name (`model.layers.0.self_attn.q_proj`,
   models/names.py). Prompt learning writes one `prompt_embeddings` tensor.
+  LoRA on a mixture's experts (target_parameters) is keyed as PEFT's nested
+  ParamWrappers: the parameters of one module are wrapped in the order
+  transformers registers them, the last outermost, so with both targeted
+
+      layers_0/mlp/experts/down_proj/lora_a     ...mlp.experts.lora_A.weight             (E*r, f)
+      layers_0/mlp/experts/gate_up_proj/lora_a  ...mlp.experts.base_layer.lora_A.weight  (E*r, d)
+
+  in ParamWrapper's layout (lora.to_peft_experts).
 - LLM-Adapters' BOTTLENECK (series, AdapterP, parallel adapters): the same
   layout with its own config fields and `adapter_down.weight` /
   `adapter_up.weight` / `adapter_scaling` keys, in safetensors.
@@ -62,8 +70,10 @@ from flax_adapters.adapters.targeting import linear_sites
 from flax_adapters.checkpoints.atomic import write_dir_atomically
 from flax_adapters.checkpoints.hf import load_hf_dir, save_hf_dir
 from flax_adapters.checkpoints.safetensors_io import iter_tensors, save_file
+from flax_adapters.adapters import lora
+from flax_adapters.adapters.targeting import grouped_sites
 from flax_adapters.models import names
-from flax_adapters.models.registry import SUPPORTED_MODEL_TYPES
+from flax_adapters.models.registry import SUPPORTED_MODEL_TYPES, family
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -76,20 +86,38 @@ PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 def peft_targets(model_type: str):
     """spec, chosen sites -> PEFT's target_modules for them (module docstring)."""
     def spell(spec, chosen: list[str]) -> str | list[str]:
-        if spec == "all-linear":
+        if spec == "all-linear" and family(model_type).presets.peft_all_linear:
             return spec
-        if spec is None or (not isinstance(spec, str) and all("/" not in x for x in spec)):
+        if spec in (None, "all-linear") or (not isinstance(spec, str)
+                                            and all("/" not in x for x in spec)):
             # Plain names select the same modules under PEFT's suffix rule.
             return sorted({s.rsplit("/", 1)[-1] for s in chosen})
         return "(" + "|".join(re.escape(names.module_name(s, model_type)) for s in chosen) + ")"
     return spell
 
 
+def _wrapper_prefix(parameter: str, targeted: set[str], model_type: str) -> str:
+    """PEFT's key prefix for the LoRA of a module's parameter (module
+    docstring): the module, one `base_layer.` per targeted parameter of it
+    that transformers registers later."""
+    module = parameter.rpartition(".")[0]
+    order = [p for p in names.module_parameters(module, model_type) if p in targeted]
+    return f"{module}." + "base_layer." * (len(order) - 1 - order.index(parameter))
+
+
 def _site_tensors(adapter: dict, schema: registry.Schema, model_type: str) -> dict:
     out = {}
+    parameter = lambda site: names.path_to_hf_name((*site.split("/"), "kernels"),  # noqa: E731
+                                                   model_type)
     for leaf, suffix in schema.site_tensors.items():
-        for site in tree_lib.sites_with(adapter, leaf):
+        sites = tree_lib.sites_with(adapter, leaf)
+        targeted = {parameter(s) for s in sites if np.ndim(tree_lib.get(adapter, s)[leaf]) == 3}
+        for site in sites:
             value = np.asarray(jax.device_get(tree_lib.get(adapter, site)[leaf]), np.float32)
+            if value.ndim == 3:  # LoRA on experts' stacked kernels (target_parameters)
+                key = PREFIX + _wrapper_prefix(parameter(site), targeted, model_type) + suffix
+                out[key] = lora.to_peft_experts(leaf, value)
+                continue
             key = f"{PREFIX}{names.module_name(site, model_type)}.{suffix}"
             out[key] = value.T if value.ndim == 2 else value
     return out
@@ -103,7 +131,8 @@ def _saved_tensors(trained: dict, saved: tuple[str, ...], model_type: str) -> di
         if names.selects(saved, path, model_type):
             value = np.asarray(jax.device_get(value), np.float32)
             name = names.path_to_hf_name(path, model_type)
-            out[PREFIX + name] = value.T if names.hf_name_to_path(name, model_type)[1] else value
+            transpose = names.hf_name_to_path(name, model_type)[1]
+            out[PREFIX + name] = np.swapaxes(value, -1, -2) if transpose else value
     for n in saved:
         if not any(names.selects((n,), p, model_type) for p, _ in base):
             raise ValueError(f"modules_to_save {n!r}: the tree holds no trained weights of such "
@@ -175,10 +204,31 @@ def _split_key(key: str, suffixes: dict[str, str], model_type: str) -> tuple[str
     return None
 
 
+def _grouped_site(key: str, suffix: str, target_parameters, base: dict,
+                  model_type: str) -> str | None:
+    """The grouped site of a PEFT ParamWrapper's tensor
+    'base_model.model.<module>.(base_layer.)*<suffix>' (module docstring),
+    or None if the key is not one."""
+    if not target_parameters or not key.startswith(PREFIX) or not key.endswith("." + suffix):
+        return None
+    module, depth = key[len(PREFIX):-len(suffix) - 1], 0
+    while module.endswith(".base_layer"):
+        module, depth = module.removesuffix(".base_layer"), depth + 1
+    # the parameters of the module that PEFT's target_parameters (suffixes) select
+    targeted = [p for p in names.module_parameters(module, model_type)
+                if any(p == t or p.endswith("." + t) for t in target_parameters)]
+    if depth >= len(targeted):
+        return None
+    site = "/".join(names.hf_name_to_path(targeted[len(targeted) - 1 - depth], model_type)[0][:-1])
+    return site if site in grouped_sites(base) else None
+
+
 def _read_site_tensors(weights: pathlib.Path, schema: registry.Schema, base: dict,
-                       model_type: str, saved: tuple[str, ...]) -> tuple[dict, dict]:
+                       model_type: str, saved: tuple[str, ...],
+                       target_parameters: tuple[str, ...] = ()) -> tuple[dict, dict]:
     """({site: {our leaf: array in our layout}}, {base leaf path: a trained
-    modules_to_save array, our layout}) of an adapter file."""
+    modules_to_save array, our layout}) of an adapter file; LoRA tensors of
+    the `target_parameters` experts in PEFT's ParamWrapper keys."""
     suffixes = {**{v: k for k, v in schema.site_tensors.items()}, **schema.aliases}
     sites = set(linear_sites(base))
     base_shapes = {p: tuple(np.shape(v)) for p, v in tree_lib.leaves(base)}
@@ -186,6 +236,13 @@ def _read_site_tensors(weights: pathlib.Path, schema: registry.Schema, base: dic
     kept: dict[tuple[str, ...], np.ndarray] = {}
     for key, arr in iter_tensors(weights):
         value = np.asarray(arr, np.float32)
+        grouped = [(site, leaf) for suffix, leaf in suffixes.items() if (site := _grouped_site(
+            key, suffix, target_parameters, base, model_type)) is not None]
+        if grouped:
+            site, leaf = grouped[0]
+            experts = tree_lib.get(base, site)["kernels"].shape[0]
+            found.setdefault(site, {})[leaf] = lora.from_peft_experts(leaf, value, experts)
+            continue
         parsed = _split_key(key, suffixes, model_type)
         if parsed is not None and parsed[0] in sites:
             site, leaf = parsed
@@ -197,7 +254,7 @@ def _read_site_tensors(weights: pathlib.Path, schema: registry.Schema, base: dic
             if not names.selects(saved, path, model_type):
                 raise ValueError(f"{weights}: tensor {key!r} is a base weight, but "
                                  f"modules_to_save {list(saved)} does not select its module")
-            value = value.T if transpose else value
+            value = np.swapaxes(value, -1, -2) if transpose else value
             if value.shape != base_shapes[path]:
                 raise ValueError(f"{weights}: tensor {key!r} has shape {tuple(arr.shape)}, "
                                  "which does not fit the base model")
@@ -226,7 +283,8 @@ def _check_fits(found: dict, base: dict, cfg: Any, model_type: str, weights: pat
         if site not in want:
             raise ValueError(f"{weights}: tensors for {site} ({sorted(leaves)}), which the "
                              "adapter's config does not adapt")
-        d_in, d_out = tree_lib.get(base, site)["kernel"].shape
+        module = tree_lib.get(base, site)
+        d_in, d_out = np.shape(module["kernel" if "kernel" in module else "kernels"])[-2:]
         for leaf, value in leaves.items():
             if leaf not in want[site]:
                 raise ValueError(f"{weights}: {site}/{leaf} is not a leaf this config adds "
@@ -285,7 +343,8 @@ def load_adapter(directory: str | os.PathLike, base: dict, model_type: str) -> t
                                  f"{sorted(tensors)}")
             cfg = schema.from_json(config, tensors, base)
             return schema.from_tensors(config, tensors, base), cfg
-        found, kept = _read_site_tensors(weights, schema, base, model_type, saved)
+        found, kept = _read_site_tensors(weights, schema, base, model_type, saved,
+                                         tuple(config.get("target_parameters") or ()))
         cfg = schema.from_json(config, found, base)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{directory / CONFIG_NAME}: a field is missing or has the wrong type "

@@ -4,7 +4,10 @@ A directory holds `config.json`, weights as `model.safetensors` or shards
 listed in `model.safetensors.index.json`, and tokenizer files. Tensor names
 map one to one onto tree paths (`model.layers.3.mlp.up_proj.weight` <->
 `layers_3/mlp/up_proj/kernel`, transposed to (in, out)), through each model
-family's table of names (models/names.py). Every expected
+family's table of names (models/names.py); a mixture's experts are stacked,
+one leaf from E published tensors (names.Piece: `block_sparse_moe.experts.3.w1`
+is `mlp/experts/gate_up_proj/kernels[3, :, :f]`), each device's slice read from
+the tensors it covers, and written back the same way. Every expected
 tensor must be present with its shape; anything missing, unexpected or
 mis-shaped is an error naming it, and so is a weight that is not a float or
 holds NaN/Inf (a corrupted file). config.json is checked before anything is
@@ -84,7 +87,7 @@ def check_layer_count(num_layers: int, hf_names: list[str], where: str,
     """The config's layer count must be the one the weights hold: the model's
     shapes are planned per layer, so an absurd count would cost time and
     memory before any tensor is compared."""
-    found = {mapped[0][0] for n in hf_names if (mapped := names.canonical(n, model_type))
+    found = {mapped[0][0] for n in hf_names if (mapped := names.checkpoint_entry(n, model_type))
              and mapped[0][0].startswith("layers_")}
     if num_layers != len(found):
         raise ValueError(f"{where}: num_hidden_layers={num_layers}, but the weights hold "
@@ -106,13 +109,39 @@ def mesh_placement(cfg: Any, mesh: jax.sharding.Mesh) -> Placement:
 
 def _reader(arr: Any, transpose: bool, name: str) -> Callable[[tuple], np.ndarray]:
     """index (of our layout) -> that slice of `arr` (PyTorch layout, e.g. a
-    memory map: only the slice's bytes are read), checked to be finite."""
+    memory map: only the slice's bytes are read), checked to be finite.
+    Transposed: the last two axes swapped (a kernel; each of stacked ones)."""
     def read(index: tuple) -> np.ndarray:
-        value = np.asarray(arr[tuple(index)[::-1]].T if transpose else arr[tuple(index)])
+        index = tuple(index)
+        value = np.asarray(np.swapaxes(arr[(*index[:-2], index[-1], index[-2])], -1, -2)
+                           if transpose else arr[index])
         if not np.isfinite(value).all():
             raise ValueError(f"tensor {name!r} contains NaN or Inf; the file is corrupted -- "
                              "download or convert it again")
         return value
+    return read
+
+
+def _stacked_reader(pieces: dict[tuple[int, int], tuple[Any, str]], shape: tuple[int, ...],
+                    parts: int) -> Callable[[tuple], np.ndarray]:
+    """index (of a stacked (E, in, out) leaf) -> that slice, read from the
+    per-expert tensors {(expert, part): (array, name)} it covers (names.Piece),
+    each for its own part of the slice only."""
+    n = shape[-1] // parts
+
+    def read(index: tuple) -> np.ndarray:
+        e_r, i_r, o_r = (range(*s.indices(dim)) for s, dim in zip(index, shape))
+        rows = []
+        for e in e_r:
+            cols = []
+            for part in range(parts):
+                lo, hi = max(o_r.start, part * n), min(o_r.stop, (part + 1) * n)
+                if lo < hi:
+                    arr, name = pieces[(e, part)]
+                    cols.append(_reader(arr, True, name)(
+                        (slice(i_r.start, i_r.stop), slice(lo - part * n, hi - part * n))))
+            rows.append(np.concatenate(cols, axis=-1))
+        return np.stack(rows)
     return read
 
 
@@ -151,26 +180,10 @@ def hf_state_to_params(cfg: Any, state: Any, dtype: Any = np.float32,
         quantize = dataclasses.replace(quantize, model_type=cfg.model_type)
     params: dict = {}
     seen: set[tuple[str, ...]] = set()
-    for name, arr in (state.items() if isinstance(state, dict) else state):
-        if _IGNORED.search(name):
-            continue
-        mapped = names.canonical(name, cfg.model_type)
-        if mapped is not None and mapped[0] == ("lm_head",) and cfg.tie_word_embeddings:
-            continue  # tied: the head is the embedding matrix
-        if mapped is None or mapped[0] not in expected:
-            raise ValueError(f"unexpected tensor {name!r} in the checkpoint: it has no place "
-                             f"in a {cfg.model_type} model with this config.json")
-        path, transpose = mapped
-        shape = tuple(arr.shape[::-1] if transpose else arr.shape)
-        if shape != expected[path]:
-            raise ValueError(f"tensor {name!r} has shape {tuple(arr.shape)} but config.json "
-                             f"implies {expected[path][::-1] if transpose else expected[path]}")
-        if np.dtype(arr.dtype).kind != "f" and arr.dtype != ml_dtypes.bfloat16:
-            raise ValueError(f"tensor {name!r} has dtype {arr.dtype}; weights are floats (F32, "
-                             "F16, BF16): the file is corrupted or not a model")
-        read = _reader(arr, transpose, name)
+
+    def store(path: tuple[str, ...], read: Callable, shape: tuple[int, ...], src_dtype: Any):
         if placement is not None:
-            leaf = _placed_leaf(path, read, shape, arr.dtype, dtype, quantize, placement)
+            leaf = _placed_leaf(path, read, shape, src_dtype, dtype, quantize, placement)
         else:
             value = read((slice(None),) * len(shape))  # the whole tensor, our layout
             leaf = quantize_leaf(path, value, quantize, dtype)
@@ -181,9 +194,49 @@ def hf_state_to_params(cfg: Any, state: Any, dtype: Any = np.float32,
             node = node.setdefault(key, {})
         node[path[-1]] = leaf
         seen.add(path)
+
+    # stacked leaf -> {(expert, part): (array, name)}: the experts' tensors (names.Piece)
+    stacks: dict[tuple[str, ...], dict[tuple[int, int], tuple[Any, str]]] = {}
+    for name, arr in (state.items() if isinstance(state, dict) else state):
+        if _IGNORED.search(name):
+            continue
+        mapped = names.checkpoint_entry(name, cfg.model_type)
+        if mapped is not None and mapped[0] == ("lm_head",) and cfg.tie_word_embeddings:
+            continue  # tied: the head is the embedding matrix
+        if mapped is None or mapped[0] not in expected:
+            raise ValueError(f"unexpected tensor {name!r} in the checkpoint: it has no place "
+                             f"in a {cfg.model_type} model with this config.json")
+        path, transpose, piece = mapped
+        want = expected[path]
+        if piece is not None:
+            if piece.expert >= want[0]:
+                raise ValueError(f"tensor {name!r} is expert {piece.expert}'s, but config.json "
+                                 f"implies {want[0]} experts")
+            want = (want[1], want[2] // piece.parts)
+        torch_layout = (*want[:-2], want[-1], want[-2]) if transpose else want
+        if tuple(arr.shape) != torch_layout:
+            raise ValueError(f"tensor {name!r} has shape {tuple(arr.shape)} but config.json "
+                             f"implies {torch_layout}")
+        if np.dtype(arr.dtype).kind != "f" and arr.dtype != ml_dtypes.bfloat16:
+            raise ValueError(f"tensor {name!r} has dtype {arr.dtype}; weights are floats (F32, "
+                             "F16, BF16): the file is corrupted or not a model")
+        if piece is not None:
+            stacks.setdefault(path, {})[(piece.expert, piece.part)] = (arr, name)
+        else:
+            store(path, _reader(arr, transpose, name), want, arr.dtype)
+    for path, pieces in stacks.items():
+        published = names.checkpoint_tensors(path, expected[path], cfg.model_type)
+        absent = [n for n, _, p in published if (p.expert, p.part) not in pieces]
+        if absent:
+            raise ValueError(f"checkpoint is missing {len(absent)} expert tensor(s) of "
+                             f"{'/'.join(path)}, e.g. {absent[:3]}")
+        parts = published[0][2].parts
+        store(path, _stacked_reader(pieces, expected[path], parts), expected[path],
+              next(iter(pieces.values()))[0].dtype)
     missing = sorted("/".join(p) for p in set(expected) - seen)
     if missing:
-        some = [names.path_to_hf_name(tuple(m.split("/")), cfg.model_type) for m in missing[:3]]
+        some = [names.checkpoint_tensors(tuple(m.split("/")), expected[tuple(m.split("/"))],
+                                         cfg.model_type)[0][0] for m in missing[:3]]
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {some}")
     return params
 
@@ -246,10 +299,11 @@ def save_hf_dir(params: dict, hf_config: dict, out_dir: str | os.PathLike,
         if path not in expected:
             raise ValueError(f"{'/'.join(path)} is not a weight of this {model_type} model; "
                              "merge an adapter (fa.merge) before saving a model directory")
-        name = names.path_to_hf_name(path, model_type)
         value = np.asarray(jax.device_get(leaf), np.float32)
-        transpose = names.hf_name_to_path(name, model_type)[1]
-        tensors[name] = np.ascontiguousarray(value.T if transpose else value)
+        for name, transpose, piece in names.checkpoint_tensors(path, value.shape, model_type):
+            part = value if piece is None else value[piece.index(value.shape)]
+            tensors[name] = np.ascontiguousarray(np.swapaxes(part, -1, -2) if transpose
+                                                 else part)
     files = {
         "config.json": lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n"),
         "model.safetensors": lambda p: save_file(tensors, p, metadata={"format": "pt"}),

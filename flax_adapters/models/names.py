@@ -10,7 +10,19 @@ Hugging Face's, so
 
     'model.layers.0.self_attn.q_proj.weight' <-> ('layers_0', 'self_attn', 'q_proj', 'kernel')
 
-(a kernel transposed to (in, out)). These functions are the one place that
+(a kernel transposed to (in, out)). A family may add "parameters": within a
+layer, parameters that are not a Linear's weight, by their transformers 5
+(live) names, each with the published checkpoint tensors it is saved as
+(models/moe.py):
+
+    'model.layers.0.mlp.gate.weight'          <-> ('layers_0', 'mlp', 'gate', 'weight')  as is
+    'model.layers.0.mlp.experts.gate_up_proj' <-> ('layers_0', 'mlp', 'experts', 'gate_up_proj',
+                                                   'kernels')  (E, 2f, d) -> (E, d, 2f)
+    checkpoint: 'model.layers.0.block_sparse_moe.experts.3.w1.weight' -> kernels[3, :, :f].T
+
+PEFT files use the live names (`hf_name_to_path`, `path_to_hf_name`);
+checkpoints the published ones (`checkpoint_entry`, `checkpoint_tensors`).
+These functions are the one place that
 maps names; weights files (checkpoints/hf.py), PEFT-style adapter
 directories (checkpoints/adapter.py), modules_to_save and the quantization
 skip list (PEFT's suffix rule over module names) all go through them.
@@ -18,6 +30,7 @@ skip list (PEFT's suffix rule over module names) all go through them.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Sequence
 
@@ -25,13 +38,24 @@ from flax_adapters.models.registry import family
 
 # A module holding a `weight` that is a norm's scale, not a kernel: the names
 # the families use (input_layernorm, self_attn_layer_norm, norm, ln_1, ln_f, ...).
-_NORM = re.compile(r"(.*layer_?norm|norm|ln_\w+)")
-_SPECIAL = ("layers", "base_prefix", "aliases")
-_LEAF_KIND = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+_NORM = re.compile(r"(.*layer_?norm|norm|[qk]_norm|ln_\w+)")  # q_norm, k_norm: Qwen3's per-head
+_SPECIAL = ("layers", "base_prefix", "aliases", "parameters")
+# our leaf -> Hugging Face's; `weight`: a parameter kept in its Hugging Face layout
+# (a router), `kernels`: experts' stacked kernels, named by their module alone.
+_LEAF_KIND = {"kernel": "weight", "scale": "weight", "bias": "bias", "weight": "weight"}
 
 
 def _names(model_type: str) -> dict:
     return family(model_type).hf_names
+
+
+def _parameter_leaf(live: str, published: Sequence[str]) -> tuple[tuple[str, ...], bool]:
+    """A family parameter's path inside a layer, and whether it is transposed:
+    one published tensor per expert ({e}) makes a stack of (in, out) kernels."""
+    parts = tuple(live.split("."))
+    if any("{e}" in p for p in published):
+        return (*parts, "kernels"), True
+    return parts, False
 
 
 def hf_name_to_path(name: str, model_type: str) -> tuple[tuple[str, ...], bool] | None:
@@ -41,6 +65,11 @@ def hf_name_to_path(name: str, model_type: str) -> tuple[tuple[str, ...], bool] 
     for key, hf in names.items():
         if key not in _SPECIAL and hf == name:  # a bare leaf: only the head is transposed
             return (key,), key == "lm_head"
+    parameters = names.get("parameters", {})
+    m = re.fullmatch(re.escape(names["layers"]) + r"\.(\d+)\.(.+)", name)
+    if m is not None and m.group(2) in parameters:
+        leaf, transpose = _parameter_leaf(m.group(2), parameters[m.group(2)])
+        return (f"layers_{m.group(1)}", *leaf), transpose
     module, _, kind = name.rpartition(".")
     if kind not in ("weight", "bias"):
         return None
@@ -65,6 +94,8 @@ def path_to_hf_name(path: tuple[str, ...], model_type: str) -> str:
     head, *rest = path
     if not rest:
         return names[head]
+    if rest[-1] == "kernels":  # a module's stacked parameter: the name ends at it
+        return ".".join([names["layers"], head.removeprefix("layers_"), *rest[:-1]])
     leaf = _LEAF_KIND[rest[-1]]
     if head.startswith("layers_"):
         return ".".join([names["layers"], head.removeprefix("layers_"), *rest[:-1], leaf])
@@ -81,6 +112,71 @@ def canonical(name: str, model_type: str) -> tuple[tuple[str, ...], bool] | None
     if mapped is None and not name.startswith(names["base_prefix"]):
         mapped = hf_name_to_path(names["base_prefix"] + name, model_type)
     return mapped
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One published tensor of a stacked (E, in, out) leaf: expert `expert`'s
+    `part`-th of `parts` equal slices of the output axis, transposed (Mixtral's
+    w1 is gate_up_proj's [e, :, :f], w3 its [e, :, f:])."""
+
+    expert: int
+    part: int
+    parts: int
+
+    def index(self, shape: Sequence[int]) -> tuple[int, slice, slice]:
+        n = shape[-1] // self.parts
+        return self.expert, slice(None), slice(self.part * n, (self.part + 1) * n)
+
+
+def checkpoint_entry(name: str, model_type: str
+                     ) -> tuple[tuple[str, ...], bool, Piece | None] | None:
+    """Where checkpoint tensor `name` goes: (path, transposed, None) for a
+    whole leaf (`canonical`, or a parameter's published spelling), (path of
+    the stack, True, its Piece) for one expert's tensor; None if unknown."""
+    names = _names(model_type)
+    for live, published in names.get("parameters", {}).items():
+        leaf, transpose = _parameter_leaf(live, published)
+        for part, spelling in enumerate(published):
+            pattern = (re.escape(names["layers"]) + r"\.(\d+)\."
+                       + re.escape(spelling).replace(r"\{e\}", r"(\d+)"))
+            m = (re.fullmatch(pattern, name)
+                 or re.fullmatch(pattern, names["base_prefix"] + name))
+            if m is not None:
+                piece = Piece(int(m.group(2)), part, len(published)) if transpose else None
+                return (f"layers_{m.group(1)}", *leaf), transpose, piece
+    mapped = canonical(name, model_type)
+    return None if mapped is None else (*mapped, None)
+
+
+def checkpoint_tensors(path: tuple[str, ...], shape: Sequence[int], model_type: str
+                       ) -> list[tuple[str, bool, Piece | None]]:
+    """The published tensors base leaf `path` (of `shape`) is saved as: the
+    inverse of `checkpoint_entry`, every expert's Piece of a stack."""
+    names = _names(model_type)
+    live = path_to_hf_name(path, model_type)
+    layer, _, inner = live.removeprefix(names["layers"] + ".").partition(".")
+    published = names.get("parameters", {}).get(inner) if path[0].startswith("layers_") else None
+    if published is None:
+        return [(live, hf_name_to_path(live, model_type)[1], None)]
+    prefix = f"{names['layers']}.{layer}."
+    if not _parameter_leaf(inner, published)[1]:
+        return [(prefix + published[0], False, None)]
+    return [(prefix + spelling.format(e=e), True, Piece(e, part, len(published)))
+            for e in range(shape[0]) for part, spelling in enumerate(published)]
+
+
+def module_parameters(module: str, model_type: str) -> list[str]:
+    """The full names of Hugging Face module `module`'s family parameters
+    (HF_NAMES["parameters"]) in the order transformers registers them:
+    'model.layers.0.mlp.experts' -> ['model.layers.0.mlp.experts.gate_up_proj',
+    'model.layers.0.mlp.experts.down_proj']; [] for other modules."""
+    names = _names(model_type)
+    m = re.fullmatch(re.escape(names["layers"]) + r"\.(\d+)\.(.+)", module)
+    if m is None:
+        return []
+    return [f"{module}.{p.rpartition('.')[2]}" for p in names.get("parameters", {})
+            if p.rpartition(".")[0] == m.group(2)]
 
 
 def module_name(site: str, model_type: str) -> str:
