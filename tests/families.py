@@ -54,9 +54,64 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
         rotary_pct=0.25, max_position_embeddings=64, use_parallel_residual=False,
         layer_norm_eps=1e-3)),
+    # GQA (4 heads, 2 kv), rope on half of each head, a window of 6 that the 12-token
+    # test batch crosses; Phi3Config's default pad / eos ids (32000) exceed the vocab.
+    "phi3": ("Phi3Config", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, intermediate_size=96,
+                                partial_rotary_factor=0.5, sliding_window=6,
+                                max_position_embeddings=64, rms_norm_eps=1e-3,
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # Gemma: GQA, head_dim 16 (not hidden / heads), and a norm epsilon of 1e-2 (the
+    # embeddings scaled by sqrt(64) make the residual's mean square ~64: 1e-3 would not show).
+    "gemma": ("GemmaConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                                  max_position_embeddings=64, rms_norm_eps=1e-2)),
+    # Gemma 2: a sliding layer then a full one, a window of 4 that the 12-token test batch
+    # crosses, soft-caps that the sensitized scores and logits reach, and a query scale
+    # 24^-1/2 that is not head_dim's.
+    "gemma2": ("Gemma2Config", dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=96, query_pre_attn_scalar=24, sliding_window=4,
+        attn_logit_softcapping=20.0, final_logit_softcapping=30.0, max_position_embeddings=64,
+        rms_norm_eps=1e-2)),
+    # Gemma 3's text model: one kv head, q/k norms, a sliding layer (pattern 2) with its
+    # local rope base, a full layer with rope_theta 1e6 and linear scaling (as the 4B+).
+    "gemma3": ("Gemma3TextConfig", dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=16, intermediate_size=96, query_pre_attn_scalar=24, sliding_window=4,
+        sliding_window_pattern=2, max_position_embeddings=64, rms_norm_eps=1e-2,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                            "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    # Mixtures of experts (4 experts, top 2, experts of width 48 as the dense MLPs' 96 / 2):
+    # Mixtral with GQA and a window of 6 that the 12-token test batch crosses; Qwen3-MoE
+    # with q/k norms, head_dim 16 and norm_topk_prob false (transformers' default; the
+    # published 30B-A3B sets true, Mixtral's path), so its top-k weights are not renormalised.
+    "mixtral": ("MixtralConfig", dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
+        max_position_embeddings=64, rms_norm_eps=1e-3)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=96, moe_intermediate_size=48, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=False, max_position_embeddings=64,
+        rms_norm_eps=1e-3)),
 }
 # One variant per family, for the tests that need only one.
-FAMILIES = ("bloom", "opt", "gptj", "gpt_neox")
+FAMILIES = ("bloom", "opt", "gptj", "gpt_neox", "phi3", "gemma2", "gemma3", "mixtral", "qwen3_moe")
+# The LoRA / IA3 targets the tests name for families PEFT has no default for
+# (peft/utils/constants.py; PEFT and we refuse a config without them).
+NO_PEFT_DEFAULTS = {
+    # Mixtures of experts: PEFT's "all-linear" there adds the experts as target_parameters,
+    # where it refuses DoRA; so DoRA names the attention's projections on both sides. And
+    # peft 0.21 converts a Mixtral config for transformers 5 (its v4 expert names) before
+    # it fills in the default targets, which it then never does: LoRA names them too.
+    "mixtral": {"lora": ("q_proj", "v_proj"), "dora": ("q_proj", "k_proj", "v_proj", "o_proj")},
+    "qwen3_moe": {"lora": ("q_proj", "v_proj"), "ia3": ("q_proj", "v_proj"), "ia3_feedforward": (),
+                  "dora": ("q_proj", "k_proj", "v_proj", "o_proj")},
+    "phi3": {"lora": ("qkv_proj", "gate_up_proj"), "ia3": ("qkv_proj", "down_proj"),
+             "ia3_feedforward": ("down_proj",)},
+}
 
 
 def hf_config(name: str, layers: int | None = None, **overrides):
@@ -87,6 +142,8 @@ def sensitize(model, seed: int = 0, gain: float = 2.0, head_gain: float = 8.0):
                 p.copy_(noise * head_gain / math.sqrt(p.shape[1]))
             elif p.ndim == 2 and ("embed" in name or "wte" in name):
                 p.copy_(noise * (0.5 if "position" in name else 1.0))
+            elif p.ndim == 3:  # experts' stacked (E, out, in) weights (MoE, transformers 5)
+                p.copy_(noise * gain / math.sqrt(p.shape[2]))
             elif p.ndim == 2:
                 p.copy_(noise * gain / math.sqrt(p.shape[1]))
             elif name.endswith("bias"):

@@ -33,6 +33,9 @@ from flax_adapters.activations import ACTIVATIONS  # noqa: E402
 from flax_adapters.checkpoints import load_pretrained  # noqa: E402
 from flax_adapters.generate import GenerationConfig, generate  # noqa: E402
 from flax_adapters.models import bloom, gptj, init_cache, layers, model_class  # noqa: E402
+from flax_adapters.models import phi3  # noqa: E402
+from flax_adapters.models import gemma  # noqa: E402
+from flax_adapters.models import moe  # noqa: E402
 
 
 def relative_error(torch_model, pre, config=None) -> float:
@@ -102,6 +105,38 @@ def _half_split_rope_for_gptj(monkeypatch):
     monkeypatch.setattr(gptj, "apply_rope_interleaved", layers.apply_rope)
 
 
+def _swap_k_and_v_of_phi3(monkeypatch):
+    split = phi3.split_qkv
+    monkeypatch.setattr(phi3, "split_qkv", lambda x, q, kv: tuple(split(x, q, kv)[i]
+                                                                  for i in (0, 2, 1)))
+
+
+def _swap_gate_and_up_of_phi3(monkeypatch):
+    split = phi3.split_gate_up
+    monkeypatch.setattr(phi3, "split_gate_up", lambda x: split(x)[::-1])
+
+
+def _llama_norm_for_gemma(monkeypatch):  # scale * x, not (1 + scale) * x
+    monkeypatch.setattr(gemma, "GemmaRMSNorm", layers.RMSNorm)
+
+
+def _unscaled_gemma_embeddings(monkeypatch):
+    monkeypatch.setattr(gemma, "embedding_scale", lambda d: 1.0)
+
+
+def _swap_gate_and_up_of_experts(monkeypatch):  # Mixtral's w1 and w3 exchanged
+    swiglu = moe.swiglu
+    monkeypatch.setattr(moe, "swiglu", lambda h: swiglu(jnp.concatenate(
+        jnp.split(h, 2, axis=-1)[::-1], axis=-1)))
+
+
+def _softmax_after_top_k(monkeypatch):  # i.e. the top k renormalised
+    def route(logits_ne, k, normalize):
+        top_nk, e_nk = jax.lax.top_k(logits_ne.astype(jnp.float32), k)
+        return jax.nn.softmax(top_nk, axis=-1), e_nk
+    monkeypatch.setattr(moe, "route", route)
+
+
 def _config(**changes):
     return lambda monkeypatch, cfg: dataclasses.replace(cfg, **changes)
 
@@ -112,6 +147,17 @@ def _patch(fn):
 
 # variant -> {deliberate error: how to inject it (returns the config to use)}
 MUTATIONS = {
+    "mixtral": {
+        "top-k weights not renormalised": _config(norm_topk_prob=False),
+        "top-1 routing in place of top-2": _config(num_experts_per_tok=1),
+        "experts' w1 and w3 (gate and up) swapped": _patch(_swap_gate_and_up_of_experts),
+        "sliding window ignored": _config(sliding_window=None),
+    },
+    "qwen3_moe": {
+        "softmax over the top-k logits in place of the top k of the softmax":
+            _patch(_softmax_after_top_k),
+        "q/k norms dropped": _config(qk_norm=False),
+    },
     "bloom": {
         "ALiBi slopes shifted by one head": _patch(_roll_slopes),
         "exact GELU in place of BLOOM's tanh GELU": _patch(_exact_gelu_for_bloom),
@@ -139,6 +185,38 @@ MUTATIONS = {
     },
     "gpt_neox_sequential": {
         "rope on the whole head in place of rotary_pct 0.25": _config(rotary_ndims=16),
+    },
+    "phi3": {
+        "k and v swapped in qkv_proj's output": _patch(_swap_k_and_v_of_phi3),
+        "gate and up halves of gate_up_proj swapped": _patch(_swap_gate_and_up_of_phi3),
+        "rope on the whole head in place of partial_rotary_factor 0.5": _config(
+            rotary_ndims=16),
+        "sliding window ignored": _config(sliding_window=None),
+        "RMSNorm epsilon left at the default 1e-5": _config(rms_norm_eps=1e-5),
+    },
+    "gemma": {
+        "LLaMA's RMSNorm (no + 1) in place of Gemma's": _patch(_llama_norm_for_gemma),
+        "exact GELU in place of the tanh GELU": _config(hidden_activation="gelu"),
+        "RMSNorm epsilon left at the default 1e-6": _config(rms_norm_eps=1e-6),
+    },
+    "gemma2": {
+        "LLaMA's RMSNorm (no + 1) in place of Gemma's": _patch(_llama_norm_for_gemma),
+        "embeddings not scaled by sqrt(hidden_size)": _patch(_unscaled_gemma_embeddings),
+        "attention soft-capping ignored": _config(attn_logit_softcapping=None),
+        "final logit soft-capping ignored": _config(final_logit_softcapping=None),
+        "every layer full attention (no window alternation)": _config(
+            layer_types=(gemma.FULL, gemma.FULL)),
+        "query_pre_attn_scalar ignored (head_dim^-1/2)": _config(query_pre_attn_scalar=16.0),
+        "LLaMA's layer (no sandwich norms)": _config(sandwich_norms=False),
+    },
+    "gemma3": {
+        "q_norm and k_norm skipped": _config(qk_norm=False),
+        "sliding layer with the global rope base": lambda monkeypatch, cfg: dataclasses.replace(
+            cfg, rope_local_theta=cfg.rope_theta),
+        "full layer's linear rope scaling ignored": _config(rope_scaling=None),
+        "every layer sliding (no window alternation)": _config(
+            layer_types=(gemma.SLIDING, gemma.SLIDING)),
+        "embeddings not scaled by sqrt(hidden_size)": _patch(_unscaled_gemma_embeddings),
     },
 }
 

@@ -22,6 +22,7 @@ REL_TOL; each mutation moves them by 0.86..1.1, asserted at 10x.
 """
 
 import copy
+import dataclasses
 import json
 
 import jax
@@ -34,6 +35,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from families import FAMILIES, REL_TOL, VOCAB, rel_err, tiny_models  # noqa: E402
+from families import NO_PEFT_DEFAULTS  # noqa: E402
 from test_adapters_lora import PEFT_MUTATIONS  # noqa: E402
 from tiny import padded_batch, perturb  # noqa: E402
 
@@ -93,7 +95,25 @@ METHODS = {
 def targets(model_type, method):
     """The target spec of METHODS[method] on a family: its preset, or "all-linear"."""
     preset = METHODS[method][2]
-    return "all-linear" if preset is None else family(model_type).presets.target(preset)
+    if preset is None:
+        return NO_PEFT_DEFAULTS.get(model_type, {}).get(method, "all-linear")
+    return NO_PEFT_DEFAULTS.get(model_type, {}).get(preset) or family(
+        model_type).presets.target(preset)
+
+
+def configs(model_type, method):
+    """METHODS[method]'s (our config, PEFT's), the targets named on both sides
+    where PEFT has no default for the family (families.NO_PEFT_DEFAULTS)."""
+    mine, peft_cfg = METHODS[method][0], METHODS[method][1]()
+    named = NO_PEFT_DEFAULTS.get(model_type, {})
+    key = METHODS[method][2] or method  # a preset's name, or DoRA's
+    if key in named:
+        extra = {"target_modules": named[key]}
+        if method == "ia3":
+            extra["feedforward_modules"] = named["ia3_feedforward"]
+        mine = dataclasses.replace(mine, **extra)
+        peft_cfg = dataclasses.replace(peft_cfg, **{k: list(v) for k, v in extra.items()})
+    return mine, peft_cfg
 
 
 def base_logits(pre, _cache={}):
@@ -118,7 +138,7 @@ def export_to_peft(model, pre, tree, cfg, out_dir, mutate=None):
 def test_export_loads_in_peft_with_same_logits(tiny, tmp_path, name, method):
     _, model, pre = tiny(name)
     model_type = pre.config.model_type
-    cfg = METHODS[method][0]
+    cfg = configs(model_type, method)[0]
     tree = perturb(fa.inject(pre.params, cfg, jax.random.key(0), model_type))
     mine, reference = export_to_peft(model, pre, tree, cfg, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
@@ -141,7 +161,7 @@ def test_peft_saved_adapter_imports_with_same_logits(tiny, tmp_path, name, metho
     _, model, pre = tiny(name)
     model_type = pre.config.model_type
     torch.manual_seed(1)
-    pm = peft.get_peft_model(copy.deepcopy(model), METHODS[method][1]()).eval()
+    pm = peft.get_peft_model(copy.deepcopy(model), configs(model_type, method)[1]).eval()
     with torch.no_grad():  # DoRA's magnitude starts at the norms (m / n = 1): move it
         for n, p in pm.named_parameters():
             if "lora_magnitude_vector" in n:
@@ -205,7 +225,8 @@ def test_prefix_and_prompt_tuning_match_peft(tiny, tmp_path, name, method):
     pm = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(path),
                              PROMPT_METHODS[method][1]()).eval()
     tokens, mask = padded_batch(VOCAB)
-    by_index = method != "prefix" and model_type in ("gptj", "gpt_neox")
+    by_index = method != "prefix" and model_type in ("gptj", "gpt_neox", "phi3", "gemma2",
+                                                     "gemma3_text", "mixtral", "qwen3_moe")
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape) if by_index else None
     position_ids = np.maximum(np.cumsum(mask, 1) - 1, 0) if method == "prefix" else None
 
@@ -236,14 +257,20 @@ def test_prefix_and_prompt_tuning_match_peft(tiny, tmp_path, name, method):
 # PEFT names modules_to_save by the family's Hugging Face module names; OPT's
 # "final_layer_norm" also selects every layer's FFN norm, in PEFT and here.
 SAVED = {"bloom": ("ln_f",), "opt": ("final_layer_norm",), "gptj": ("ln_f", "lm_head"),
-         "gpt_neox": ("final_layer_norm",)}
+         "gpt_neox": ("final_layer_norm",),
+         "phi3": ("norm",),  # as on LLaMA: the final norm and every layer's norms
+         "gemma2": ("pre_feedforward_layernorm",), "gemma3": ("pre_feedforward_layernorm",),
+         # mixtures of experts: the router (a parameter of transformers' TopKRouter module)
+         "mixtral": ("gate",), "qwen3_moe": ("gate",)}
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_modules_to_save_both_ways_with_peft(tiny, tmp_path, name):
     _, model, pre = tiny(name)
     model_type = pre.config.model_type
-    cfg = lora.LoraConfig(r=4, alpha=8, modules_to_save=SAVED[name])
+    named = NO_PEFT_DEFAULTS.get(model_type, {})
+    targets_ = {"target_modules": named["lora"]} if "lora" in named else {}
+    cfg = lora.LoraConfig(r=4, alpha=8, modules_to_save=SAVED[name], **targets_)
     # Ours -> PEFT: LoRA and the saved modules perturbed, exported, loaded by PEFT.
     tree = fa.inject(pre.params, cfg, jax.random.key(0), model_type)
     frozen, trained = split(tree, cfg, model_type)
@@ -263,7 +290,7 @@ def test_modules_to_save_both_ways_with_peft(tiny, tmp_path, name):
     torch.manual_seed(1)
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
         r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM",
-        modules_to_save=list(SAVED[name]))).eval()
+        modules_to_save=list(SAVED[name]), **{k: list(v) for k, v in targets_.items()})).eval()
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "modules_to_save" in n:

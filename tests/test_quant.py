@@ -690,7 +690,8 @@ def test_smollm2_quantized_at_load():
         assert ratio <= memory and abs(nll(out) - nll(ref)) < dnll and same >= agree
 
 
-@pytest.mark.parametrize("name", ["bloom", "opt_350m_style", "gptj", "gpt_neox"])
+@pytest.mark.parametrize("name", ["bloom", "opt_350m_style", "gptj", "gpt_neox",
+                                  "phi3"])
 def test_every_family_runs_on_a_quantized_base(name):
     """Kernels, the embedding table and the head quantized (NF4) in every family:
     the logits are those of the same model on the dequantized weights, so each

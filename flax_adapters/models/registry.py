@@ -20,6 +20,9 @@ import jax.numpy as jnp
 
 from flax_adapters.adapters.targeting import Presets
 from flax_adapters.models import bloom, gpt_neox, gptj, llama, opt
+from flax_adapters.models import phi3
+from flax_adapters.models import gemma
+from flax_adapters.models import moe
 from flax_adapters.models.config import SUPPORTED_MODEL_TYPES as LLAMA_TYPES
 from flax_adapters.models.config import LlamaConfig
 from flax_adapters.models.decoder import init_cache
@@ -38,17 +41,26 @@ def _family(file: Any, config: type, module: type[nn.Module]) -> Family:
 
 
 _LLAMA = _family(llama, LlamaConfig, llama.LlamaForCausalLM)
+_QWEN = dataclasses.replace(_LLAMA, presets=llama.QWEN_PRESETS)  # LLaMA with PEFT's Qwen IA3
 FAMILIES: dict[str, Family] = {
-    **{t: _LLAMA for t in LLAMA_TYPES},
+    **{t: _LLAMA for t in LLAMA_TYPES}, "qwen2": _QWEN, "qwen3": _QWEN,
     "bloom": _family(bloom, bloom.BloomConfig, bloom.BloomForCausalLM),
     "opt": _family(opt, opt.OPTConfig, opt.OPTForCausalLM),
     "gptj": _family(gptj, gptj.GPTJConfig, gptj.GPTJForCausalLM),
     "gpt_neox": _family(gpt_neox, gpt_neox.GPTNeoXConfig, gpt_neox.GPTNeoXForCausalLM),
+    "phi3": _family(phi3, phi3.Phi3Config, phi3.Phi3ForCausalLM),
+    **{t: _family(gemma, gemma.GemmaConfig, gemma.GemmaForCausalLM) for t in gemma.MODEL_TYPES},
+    **{t: Family(moe.MoeConfig, moe.MoeForCausalLM, moe.HF_NAMES[t], moe.PRESETS[t])
+       for t in moe.MODEL_TYPES},  # Mixtral, Qwen3-MoE: the names and presets differ
 }
+# model_type -> why it is refused (a known model this library does not run).
+_REFUSED: dict[str, str] = {**gemma.REFUSED}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
 def family(model_type: str) -> Family:
+    if model_type in _REFUSED:
+        raise ValueError(_REFUSED[model_type])
     if model_type not in FAMILIES:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
