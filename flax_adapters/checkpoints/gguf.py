@@ -5,10 +5,32 @@ config.json as a dict, {hf_name: float32 array in PyTorch layout}, and a
 transformers tokenizer, so `hf.hf_state_to_params` is the one converter to
 our tree for safetensors and GGUF alike.
 
-References: llama.cpp's `convert_hf_to_gguf.py` is the writer we invert
-(tensor names, `LlamaModel.permute` of q/k, `rope_freqs` for llama3 RoPE
-scaling); transformers' GGUF loader (`modeling_gguf_pytorch_utils.py`,
-`integrations/gguf`) is the reader the tests compare against.
+Architectures (`general.architecture`): llama, qwen3, gemma2, gemma3 and
+phi3, each as llama.cpp's `convert_hf_to_gguf.py` writes it; we invert that
+writer. Per architecture (the `_ARCHS` table):
+- llama: `LlamaModel.permute` interleaves each q/k head's rows (llama.cpp
+  rotates adjacent pairs, Hugging Face the halves); `rope_freqs` carries
+  llama3 RoPE scaling. The other four are written unpermuted (llama.cpp
+  runs them with the half-split "NeoX" rotation, Hugging Face's).
+- qwen3: LLaMA's tensors plus `attn_q_norm` / `attn_k_norm`; head_dim
+  from `attention.key_length`.
+- gemma2, gemma3: every RMSNorm weight stored as 1 + w (Gemma's norm scales
+  by 1 + w; llama.cpp's by w), so 1 is subtracted; four norms per layer
+  (Gemma 3: and q/k norms); no `output` (tied). Neither writes
+  `query_pre_attn_scalar`: llama.cpp derives the attention scale from the
+  layer count (hidden / heads for the 27B models: 46 layers on Gemma 2, 62
+  on Gemma 3; head_dim otherwise), and so do we. Gemma 3's windowed / global
+  pattern (5 of 6 layers windowed) and its local RoPE base 10000 are fixed
+  in llama.cpp, not in the file; its linear RoPE scaling applies to the
+  global layers.
+- phi3: fused `attn_qkv` (Hugging Face `qkv_proj`) and `ffn_up` holding
+  gate and up (`gate_up_proj`); `rope_factors_long` / `_short` are
+  LongRoPE's factors; `attention.sliding_window` 0 means none.
+transformers' GGUF loader (`modeling_gguf_pytorch_utils.py`,
+`integrations/ggml.py`) is the reader the tests compare against; where it
+drops what the file states (qwen3's head_dim, Gemma 2's soft caps, Gemma
+3's RoPE scaling, Phi-3's window, LongRoPE, original context and rotary
+dims), we keep it.
 
 Design choices:
 - Reading and dequantization use `gguf` (gguf-py, llama.cpp's own package).
@@ -21,24 +43,21 @@ Design choices:
   imports torch (its 5.x GGUF reader does), so we read the metadata with
   gguf-py and hand it to transformers' torch-free GGUF tokenizer builder,
   with the same arguments that path uses (chat template included).
-- Only `general.architecture == "llama"` is read for now; llama.cpp also
-  writes Mistral and many LLaMA fine-tunes under it.
+- The config is built whether or not one of our model families runs it:
+  `config_from_hf` is the one place that accepts or refuses a model type.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pathlib
 import re
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import gguf
 import numpy as np
-
-from flax_adapters.checkpoints.hf import check_layer_count
-
-SUPPORTED_ARCHITECTURES = ("llama",)
 
 _T = gguf.GGMLQuantizationType
 # The float types and the block quantizations of llama.cpp's usual presets
@@ -52,7 +71,8 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_BLOCK_NAMES = {
+# GGUF block tensor -> Hugging Face module inside `model.layers.N`, per architecture.
+_LLAMA_BLOCK = {
     "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -63,9 +83,21 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-# Not weights: `rope_freqs` is read into the config; old converters stored the
-# rotary inverse frequencies, which the model recomputes.
-_NOT_WEIGHTS = re.compile(r"rope_freqs\.weight|blk\.\d+\.attn_rot_embd(\.weight)?")
+_QK_NORM = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_GEMMA2_BLOCK = {
+    **{k: v for k, v in _LLAMA_BLOCK.items() if k != "ffn_norm"},
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_PHI3_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_up": "mlp.gate_up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], Any]:
@@ -73,27 +105,26 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], Any
     path = pathlib.Path(path)
     reader = _open(path)
     meta = _metadata(reader, path)
-    arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"{path.name}: GGUF architecture {arch!r} is not supported; "
-                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    arch = _architecture(meta, path.name)
+    spec = _ARCHS[arch]
     tensors = {t.name: t for t in reader.tensors}
-    names = {t.name: _hf_name(t.name) for t in reader.tensors}
+    names = {t.name: _hf_name(t.name, spec.blocks) for t in reader.tensors}
     for t in reader.tensors:
         if t.tensor_type not in SUPPORTED_TYPES:
             raise ValueError(
                 f"{path.name}: tensor {t.name!r} has GGML type {t.tensor_type.name}, which is "
                 f"not supported; supported: {', '.join(q.name for q in SUPPORTED_TYPES)}. "
                 "Re-quantize the model with llama.cpp's llama-quantize to one of those")
-        if names[t.name] is None and not _NOT_WEIGHTS.fullmatch(t.name):
+        if names[t.name] is None and not (spec.not_weights and
+                                          re.fullmatch(spec.not_weights, t.name)):
             raise ValueError(f"{path.name}: tensor {t.name!r} has no counterpart in a Hugging "
-                             "Face LLaMA model (mixture-of-experts and other variants of the "
-                             "llama architecture are not supported)")
+                             f"Face {arch} model (mixture-of-experts and other variants of the "
+                             f"{arch} architecture are not supported)")
 
     _check_layout(reader, path.name)
     config = _hf_config(meta, tensors, path.name)
-    check_layer_count(config["num_hidden_layers"], [n for n in names.values() if n],
-                      f"{path.name} (GGUF metadata llama.block_count)", config["model_type"])
+    _check_block_count(config["num_hidden_layers"], tensors, f"{path.name}: GGUF metadata "
+                       f"{arch}.block_count")
     heads = {"self_attn.q_proj": config["num_attention_heads"],
              "self_attn.k_proj": config["num_key_value_heads"]}
     state: dict[str, np.ndarray] = {}
@@ -103,18 +134,33 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], Any
             continue
         w = _dequantize(t)
         module = hf_name.split(".", 3)[-1].rsplit(".", 1)[0]  # e.g. 'self_attn.q_proj'
-        if module in heads:
+        if spec.permute_qk and module in heads:
             w = _unpermute_rotary(w, heads[module], config["head_dim"])
+        if spec.norm_offset and t.name.endswith("norm.weight"):
+            w = w - np.float32(spec.norm_offset)
         state[hf_name] = w
     return config, state, _tokenizer(meta)
 
 
 def read_gguf_config(path: str | os.PathLike) -> dict:
     """The HF config.json dict of a GGUF file, from its header alone (the
-    tensors are memory-mapped, never read or dequantized)."""
+    tensors are memory-mapped, never read or dequantized; only the small
+    rope_freqs / rope_factors tensors, read into the config)."""
     path = pathlib.Path(path)
     reader = _open(path)
-    return _hf_config(_metadata(reader, path), {t.name: t for t in reader.tensors}, path.name)
+    meta = _metadata(reader, path)
+    _architecture(meta, path.name)
+    return _hf_config(meta, {t.name: t for t in reader.tensors}, path.name)
+
+
+def _architecture(meta: dict, file: str) -> str:
+    arch = meta.get("general.architecture")
+    if arch not in _ARCHS:
+        raise ValueError(f"{file}: GGUF architecture {arch!r} is not supported; supported: "
+                         f"{', '.join(_ARCHS)}. Load the model's Hugging Face directory "
+                         "(config.json + safetensors) instead, if one of our model families "
+                         "runs it")
+    return arch
 
 
 def _metadata(reader: gguf.GGUFReader, path: pathlib.Path) -> dict:
@@ -157,15 +203,25 @@ def _check_layout(reader: gguf.GGUFReader, file: str) -> None:
         end = stop
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, blocks: Mapping[str, str]) -> str | None:
     """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
-    if m is None or m.group(2) not in _BLOCK_NAMES:
+    if m is None or m.group(2) not in blocks:
         return None
     layer, module, kind = m.groups()
-    return f"model.layers.{layer}.{_BLOCK_NAMES[module]}.{kind}"
+    return f"model.layers.{layer}.{blocks[module]}.{kind}"
+
+
+def _check_block_count(n: int, tensors: Mapping[str, Any], where: str) -> None:
+    """The layer count must be the one the tensors hold: the model's shapes
+    are planned per layer, so an absurd count would cost time and memory
+    before any tensor is compared."""
+    found = {m.group(1) for name in tensors if (m := re.match(r"blk\.(\d+)\.", name))}
+    if n != len(found):
+        raise ValueError(f"{where}={n}, but the file holds {len(found)} blocks of tensors; "
+                         "the metadata does not belong to these weights -- re-convert the file")
 
 
 def _dequantize(t) -> np.ndarray:
@@ -186,76 +242,221 @@ def _unpermute_rotary(w: np.ndarray, n_head: int, head_dim: int) -> np.ndarray:
     return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _hf_config(meta: dict, tensors: dict, file: str) -> dict:
-    """The config.json of the model the GGUF metadata describes (llama keys)."""
+class _Meta:
+    """The metadata of one architecture: `m.need("block_count")` reads
+    'llama.block_count' on a llama file."""
 
-    def need(key):
-        if key not in meta:
-            raise ValueError(f"{file}: GGUF metadata lacks {key!r}; the file is incomplete")
-        value = meta[key]
+    def __init__(self, meta: dict, tensors: Mapping[str, Any], file: str):
+        self.meta, self.tensors, self.file = meta, tensors, file
+        self.arch = meta["general.architecture"]
+
+    def key(self, name: str) -> str:
+        return f"{self.arch}.{name}"
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.meta.get(self.key(name), default)
+
+    def need(self, name: str) -> int:
+        key = self.key(name)
+        if key not in self.meta:
+            raise ValueError(f"{self.file}: GGUF metadata lacks {key!r}; the file is incomplete")
+        value = self.meta[key]
         # Sizes come from here (and hidden // heads below): check them first.
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{file}: GGUF metadata {key!r} must be a positive integer, got "
-                             f"{value!r}; the file is corrupt")
+            raise ValueError(f"{self.file}: GGUF metadata {key!r} must be a positive integer, "
+                             f"got {value!r}; the file is corrupt")
         return value
 
-    def f32(key, default):
+    def f32(self, name: str, default: float | None) -> float | None:
         # Metadata floats are float32: 1e-5 is stored as 9.99999974e-06; give
         # back the short decimal config.json had.
-        return float(str(np.float32(meta.get(key, default))))
+        value = self.get(name, default)
+        return None if value is None else _short(value)
 
-    hidden = need("llama.embedding_length")
-    heads = need("llama.attention.head_count")
-    kv_heads = meta.get("llama.attention.head_count_kv", heads)
-    head_dim = meta.get("llama.attention.key_length", hidden // heads)
-    rotary = meta.get("llama.rope.dimension_count", head_dim)
-    if rotary != head_dim:
-        raise ValueError(f"{file}: rotary dimension {rotary} differs from head_dim {head_dim}; "
-                         "partial rotary embeddings are not supported for llama")
-    theta = f32("llama.rope.freq_base", 10000.0)
+    def tensor(self, name: str) -> np.ndarray | None:
+        return _dequantize(self.tensors[name]).ravel() if name in self.tensors else None
+
+
+def _short(x: float) -> float:
+    return float(str(np.float32(x)))
+
+
+def _hf_config(meta: dict, tensors: Mapping[str, Any], file: str) -> dict:
+    """The config.json of the model the GGUF metadata describes: the fields
+    every architecture writes, then its own (`_ARCHS[arch].config`)."""
+    m = _Meta(meta, tensors, file)
+    hidden = m.need("embedding_length")
+    heads = m.need("attention.head_count")
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{file}: the token_embd.weight tensor is missing; the file is incomplete")
-    # GGUF dims run fastest first: token_embd is (hidden, vocab).
-    vocab = int(tensors["token_embd.weight"].shape[-1])
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eot = meta.get("tokenizer.ggml.eot_token_id")
     if eot is not None and eos is not None and eot != eos:
         # llama.cpp stops generation at either (e.g. Llama 3's <|eot_id|>), as
         # the generation_config.json of such models lists both.
         eos = [eos, eot]
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_act": "silu",
+    common = {
         "hidden_size": hidden,
-        "intermediate_size": need("llama.feed_forward_length"),
-        "num_hidden_layers": need("llama.block_count"),
+        "intermediate_size": m.need("feed_forward_length"),
+        "num_hidden_layers": m.need("block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "vocab_size": vocab,
-        "rms_norm_eps": f32("llama.attention.layer_norm_rms_epsilon", 1e-6),
-        "rope_theta": theta,
-        "max_position_embeddings": meta.get("llama.context_length", 2048),
+        "num_key_value_heads": m.get("attention.head_count_kv", heads),
+        # GGUF dims run fastest first: token_embd is (hidden, vocab).
+        "vocab_size": int(tensors["token_embd.weight"].shape[-1]),
+        "max_position_embeddings": m.get("context_length", 2048),
         "tie_word_embeddings": "output.weight" not in tensors,
-        "attention_bias": "blk.0.attn_q.bias" in tensors,
-        "mlp_bias": "blk.0.ffn_up.bias" in tensors,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": eos,
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
     }
-    scaling = meta.get("llama.rope.scaling.type", "none")
-    if "rope_freqs.weight" in tensors:
-        config["rope_scaling"] = _llama3_rope_scaling(
-            _dequantize(tensors["rope_freqs.weight"]).ravel(), theta, head_dim, file)
-    elif scaling != "none":
-        # Passed on as read; `LlamaConfig.from_hf` names the types it supports.
-        config["rope_scaling"] = {"rope_type": scaling,
-                                  "factor": f32("llama.rope.scaling.factor", 1.0)}
-        if "llama.rope.scaling.original_context_length" in meta:
-            config["rope_scaling"]["original_max_position_embeddings"] = meta[
-                "llama.rope.scaling.original_context_length"]
+    return {**common, **_ARCHS[m.arch].config(m, common)}
+
+
+def _head_dim(m: _Meta, c: dict) -> int:
+    head_dim = m.get("attention.key_length", c["hidden_size"] // c["num_attention_heads"])
+    value = m.get("attention.value_length", head_dim)
+    if value != head_dim:
+        raise ValueError(f"{m.file}: attention.value_length {value} differs from key_length "
+                         f"{head_dim}; different key and value head sizes are not supported")
+    return head_dim
+
+
+def _full_rotary(m: _Meta, head_dim: int) -> None:
+    rotary = m.get("rope.dimension_count", head_dim)
+    if rotary != head_dim:
+        raise ValueError(f"{m.file}: rotary dimension {rotary} differs from head_dim {head_dim}; "
+                         f"partial rotary embeddings are not supported for {m.arch}")
+
+
+def _rope_scaling(m: _Meta) -> dict | None:
+    """`rope.scaling.*` as Hugging Face's `rope_scaling`, passed on as read:
+    the family's `from_hf` names the types it supports."""
+    scaling = m.get("rope.scaling.type", "none")
+    if scaling == "none":
+        return None
+    out = {"rope_type": scaling, "factor": m.f32("rope.scaling.factor", 1.0)}
+    if m.get("rope.scaling.original_context_length") is not None:
+        out["original_max_position_embeddings"] = m.get("rope.scaling.original_context_length")
+    return out
+
+
+def _llama_config(m: _Meta, c: dict) -> dict:
+    head_dim = _head_dim(m, c)
+    _full_rotary(m, head_dim)
+    theta = m.f32("rope.freq_base", 10000.0)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+              "head_dim": head_dim, "rms_norm_eps": m.f32("attention.layer_norm_rms_epsilon", 1e-6),
+              "rope_theta": theta, "attention_bias": "blk.0.attn_q.bias" in m.tensors,
+              "mlp_bias": "blk.0.ffn_up.bias" in m.tensors}
+    if "rope_freqs.weight" in m.tensors:
+        config["rope_scaling"] = _llama3_rope_scaling(m.tensor("rope_freqs.weight"), theta,
+                                                      head_dim, m.file)
+    elif (scaling := _rope_scaling(m)) is not None:
+        config["rope_scaling"] = scaling
     return config
+
+
+def _qwen3_config(m: _Meta, c: dict) -> dict:
+    head_dim = _head_dim(m, c)
+    _full_rotary(m, head_dim)
+    config = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
+              "head_dim": head_dim, "rms_norm_eps": m.f32("attention.layer_norm_rms_epsilon", 1e-6),
+              "rope_theta": m.f32("rope.freq_base", 10000.0),
+              "attention_bias": "blk.0.attn_q.bias" in m.tensors}
+    if (scaling := _rope_scaling(m)) is not None:
+        config["rope_scaling"] = scaling
+    return config
+
+
+def _gemma_config(m: _Meta, c: dict, *, big_layers: int) -> dict:
+    """Gemma 2 and 3. `big_layers`: the 27B model's layer count, where
+    llama.cpp scales attention by hidden / heads in place of head_dim."""
+    head_dim = _head_dim(m, c)
+    _full_rotary(m, head_dim)
+    n = c["num_hidden_layers"]
+    config = {"hidden_activation": "gelu_pytorch_tanh", "head_dim": head_dim,
+              "rms_norm_eps": m.f32("attention.layer_norm_rms_epsilon", 1e-6),
+              "query_pre_attn_scalar": (c["hidden_size"] // c["num_attention_heads"]
+                                        if n == big_layers else head_dim)}
+    if m.arch == "gemma2":
+        every = 2  # llama.cpp's swa pattern: each `every`-th layer global, the rest windowed
+        window = m.need("attention.sliding_window")
+        config.update(
+            architectures=["Gemma2ForCausalLM"], model_type="gemma2",
+            rope_theta=m.f32("rope.freq_base", 10000.0),
+            # llama.cpp's defaults when the keys are absent (its converter writes both).
+            attn_logit_softcapping=m.f32("attn_logit_softcapping", 50.0),
+            final_logit_softcapping=m.f32("final_logit_softcapping", 30.0))
+    else:
+        every, window = 6, m.get("attention.sliding_window") or None
+        config.update(
+            architectures=["Gemma3ForCausalLM"], model_type="gemma3_text",
+            rope_theta=m.f32("rope.freq_base", 1_000_000.0), rope_local_base_freq=10000.0,
+            sliding_window_pattern=every, attn_logit_softcapping=None,
+            final_logit_softcapping=m.f32("final_logit_softcapping", None))
+        if (scaling := _rope_scaling(m)) is not None:
+            config["rope_scaling"] = scaling  # on the global layers, as Gemma3TextConfig
+    config["sliding_window"] = window
+    config["layer_types"] = ["sliding_attention" if window and (i + 1) % every else
+                             "full_attention" for i in range(n)]
+    return config
+
+
+def _phi3_config(m: _Meta, c: dict) -> dict:
+    head_dim = c["hidden_size"] // c["num_attention_heads"]
+    rotary = m.get("rope.dimension_count", head_dim)
+    original = m.get("rope.scaling.original_context_length", c["max_position_embeddings"])
+    config = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_act": "silu",
+              "rms_norm_eps": m.f32("attention.layer_norm_rms_epsilon", 1e-5),
+              "rope_theta": m.f32("rope.freq_base", 10000.0),
+              "original_max_position_embeddings": original,
+              # llama.cpp writes 0 for "no window" (Phi-4-mini)
+              "sliding_window": m.get("attention.sliding_window") or None}
+    if rotary != head_dim:
+        config["partial_rotary_factor"] = rotary / head_dim
+    long, short = m.tensor("rope_factors_long.weight"), m.tensor("rope_factors_short.weight")
+    if (long is None) != (short is None):
+        raise ValueError(f"{m.file}: only one of rope_factors_long / rope_factors_short is "
+                         "present; LongRoPE needs both -- re-convert the file")
+    if long is not None:
+        # Phi3MiniModel.generate_extra_tensors: the factors, and attn_factor =
+        # sqrt(1 + ln(s) / ln(original)) with s = context / original, which is
+        # also what transformers computes when the config gives none.
+        config["rope_scaling"] = {"rope_type": "longrope",
+                                  "long_factor": [_short(x) for x in long],
+                                  "short_factor": [_short(x) for x in short]}
+        scale = c["max_position_embeddings"] / original
+        default = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+        attn = m.get("rope.scaling.attn_factor")
+        if attn is not None and not math.isclose(attn, default, rel_tol=1e-6):
+            config["rope_scaling"]["attention_factor"] = _short(attn)
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class _Arch:
+    """How llama.cpp's converter writes one architecture, for us to invert."""
+
+    blocks: Mapping[str, str]  # GGUF block tensor -> Hugging Face module in the layer
+    config: Callable[[_Meta, dict], dict]  # the config.json fields particular to it
+    not_weights: str = ""  # tensors read into the config (or stale), not weights
+    permute_qk: bool = False  # q/k rows interleaved per head (LlamaModel.permute)
+    norm_offset: float = 0.0  # stored norm weights are w + offset (Gemma's 1 + w)
+
+
+_ARCHS = {
+    # Old converters stored the rotary inverse frequencies (attn_rot_embd),
+    # which the model recomputes.
+    "llama": _Arch(_LLAMA_BLOCK, _llama_config, permute_qk=True,
+                   not_weights=r"rope_freqs\.weight|blk\.\d+\.attn_rot_embd(\.weight)?"),
+    "qwen3": _Arch({**_LLAMA_BLOCK, **_QK_NORM}, _qwen3_config),
+    "gemma2": _Arch(_GEMMA2_BLOCK, lambda m, c: _gemma_config(m, c, big_layers=46),
+                    norm_offset=1.0),
+    "gemma3": _Arch({**_GEMMA2_BLOCK, **_QK_NORM}, lambda m, c: _gemma_config(m, c, big_layers=62),
+                    norm_offset=1.0),
+    "phi3": _Arch(_PHI3_BLOCK, _phi3_config, not_weights=r"rope_factors_(long|short)\.weight"),
+}
+SUPPORTED_ARCHITECTURES = tuple(_ARCHS)
 
 
 def _llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int, file: str) -> dict:
