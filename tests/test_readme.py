@@ -11,6 +11,7 @@ business of the parity tests."""
 
 import ast
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -26,6 +27,7 @@ import pytest
 import flax_adapters as fa
 from flax_adapters.models import abstract_params, config_from_hf
 from flax_adapters.models.config import LlamaConfig
+from flax_adapters.models.registry import family as model_family
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 PLACEHOLDER = '"path/to/model"'
@@ -153,21 +155,23 @@ def test_readme_tour_imports_only_the_library_face():
 # ------------------------------------------------------------ the support table
 
 def tiny_config(family: str):
-    """2 layers, width 64, vocab 128: LLaMA, Mistral and Qwen2 (q/k/v biases)
-    with GQA; the other families as tests/families.py builds them."""
+    """2 layers, width 64, vocab 128: LLaMA, Mistral, Qwen2 (q/k/v biases) and
+    Qwen3 (q/k norms) with GQA; the other families as tests/families.py builds
+    them (its variant names: Gemma 3's text model is "gemma3")."""
     if family == "llama":
         return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            head_dim=16)
     transformers = pytest.importorskip("transformers")
-    if family in ("mistral", "qwen2"):
-        cls = transformers.MistralConfig if family == "mistral" else transformers.Qwen2Config
+    if family in ("mistral", "qwen2", "qwen3"):
+        cls = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
+               "qwen3": transformers.Qwen3Config}[family]
         return config_from_hf(cls(vocab_size=128, hidden_size=64, intermediate_size=96,
                                   num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=16).to_dict())
     from families import hf_config
 
-    return config_from_hf(hf_config(family).to_dict())
+    return config_from_hf(hf_config({"gemma3_text": "gemma3"}.get(family, family)).to_dict())
 
 
 # The README table's rows, as configs (targets: the family's preset), and their
@@ -195,8 +199,34 @@ MERGEABLE = {"LoRA", "rsLoRA", "DoRA", "IA3"}
 # l = 1); the bottleneck adapters' default init ("bert") and the virtual tokens are not.
 IDENTITY_AT_INIT = MERGEABLE
 # README column -> the model types its cells are run on.
-COLUMNS = {"LLaMA, Mistral, Qwen2": ("llama", "mistral", "qwen2"), "BLOOM": ("bloom",),
-           "OPT": ("opt",), "GPT-J": ("gptj",), "GPT-NeoX": ("gpt_neox",)}
+COLUMNS = {"LLaMA, Mistral, Qwen2, Qwen3": ("llama", "mistral", "qwen2", "qwen3"),
+           "BLOOM": ("bloom",), "OPT": ("opt",), "GPT-J": ("gptj",), "GPT-NeoX": ("gpt_neox",),
+           "Gemma 2, Gemma 3": ("gemma2", "gemma3_text"), "Phi-3": ("phi3",),
+           "Mixtral, Qwen3-MoE": ("mixtral", "qwen3_moe")}
+# Cells the README marks "refused": the method's sites do not exist on the family
+# (a mixture's MLP is expert stacks, not linear layers), and inject says so.
+REFUSED = {(a, t) for a in ("series (AdapterH)", "AdapterP") for t in ("mixtral", "qwen3_moe")}
+
+
+def cell(adapter: str, types: tuple[str, ...]) -> str:
+    refused = {(adapter, t) in REFUSED for t in types}
+    assert len(refused) == 1, (adapter, types)  # a column's types agree
+    return "refused" if refused.pop() else "yes"
+
+
+def adapter_config(adapter: str, model_type: str):
+    """ADAPTERS[adapter] on a family; where PEFT has no default targets for
+    the family (Phi-3's LoRA and IA3), the ones its tests name."""
+    from families import NO_PEFT_DEFAULTS
+
+    cfg = ADAPTERS[adapter]
+    named = NO_PEFT_DEFAULTS.get(model_type, {})
+    if isinstance(cfg, fa.LoraConfig) and "lora" not in model_family(model_type).presets.targets:
+        return dataclasses.replace(cfg, target_modules=named["lora"])
+    if isinstance(cfg, fa.IA3Config) and "ia3" not in model_family(model_type).presets.targets:
+        return dataclasses.replace(cfg, target_modules=named["ia3"],
+                                   feedforward_modules=named["ia3_feedforward"])
+    return cfg
 
 
 def readme_support_table() -> tuple[list[str], list[list[str]]]:
@@ -215,7 +245,7 @@ def test_support_table_is_what_the_cells_test():
     for adapter_names, _, *cells, merge, interchange in rows:
         for name in adapter_names.split(", "):
             seen.append(name)
-            assert cells == ["yes"] * len(COLUMNS), (name, cells)
+            assert cells == [cell(name, types) for types in COLUMNS.values()], (name, cells)
             assert merge == ("yes" if name in MERGEABLE else "no"), (name, merge)
             assert interchange == INTERCHANGE[PEFT_TYPE[name]], (name, interchange)
     assert seen == list(ADAPTERS), seen
@@ -268,7 +298,12 @@ def test_support_table_cell(family_base, tmp_path, family, adapter):
     from tiny import padded_batch, perturb
 
     cfg, base, base_logits_of = family_base(family)
-    adapter_cfg, model_type = ADAPTERS[adapter], cfg.model_type
+    model_type = cfg.model_type
+    adapter_cfg = adapter_config(adapter, model_type)
+    if (adapter, model_type) in REFUSED:
+        with pytest.raises(ValueError, match="expert"):
+            fa.inject(base, adapter_cfg, jax.random.key(0), model_type)
+        return
     tokens, mask = (jnp.asarray(x) for x in padded_batch(cfg.vocab_size))
     base_logits = base_logits_of(base)
     logits_of = logits_fn(cfg, adapter_cfg, tokens, mask)  # one compilation per cell
