@@ -90,3 +90,37 @@ def test_gemma3_1b_alternates_five_sliding_layers_and_one_full():
 def test_unsupported_configs_are_refused_by_name(change, error):
     with pytest.raises(ValueError, match=error):
         config_from_hf({"model_type": "gemma3_text", **SIZES, **change})
+
+
+def test_prompt_text_init_matches_peft(tmp_path):
+    """PEFT's TEXT init takes the rows through Gemma's scaled embedding
+    module (x sqrt(d)); ours must give the same prompt (raw rows were 8x
+    smaller on width 64)."""
+    peft = pytest.importorskip("peft")
+    import jax
+    import numpy as np
+    from families import save_tiny
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    import flax_adapters as fa
+    from flax_adapters.adapters import prompt
+    from flax_adapters.checkpoints import load_pretrained
+
+    vocab = {f"w{i}": i for i in range(100)} | {"<unk>": 100}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(
+        tmp_path / "tok")
+    model = save_tiny(tmp_path / "model", "gemma2")
+    pre = load_pretrained(tmp_path / "model")
+    text = "w3 w7 w9"
+    pm = peft.get_peft_model(model, peft.PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=5, prompt_tuning_init="TEXT",
+        prompt_tuning_init_text=text, tokenizer_name_or_path=str(tmp_path / "tok")))
+    want = pm.prompt_encoder["default"].embedding.weight.detach().numpy()
+    cfg = prompt.PromptTuningConfig(num_virtual_tokens=5, init="text", init_text=text,
+                                    tokenizer_name_or_path=str(tmp_path / "tok"))
+    ours = np.asarray(fa.inject(pre.params, cfg, jax.random.key(0), "gemma2")["prompt_embeddings"])
+    raw = np.asarray(pre.params["embed_tokens"])[[3, 7, 9, 3, 7]]
+    assert np.abs(want - raw).max() > 1  # the scale shows
+    np.testing.assert_allclose(ours, want, rtol=1e-6, atol=0)

@@ -31,7 +31,8 @@ saves. PEFT's LSTM encoder is not implemented.
 
 Init as PEFT: prompt tuning "random" N(0, 1) (torch.nn.Embedding's default),
 "sample_vocab" the embeddings of random vocabulary ids, "text" the
-embeddings of the tokenized `init_text` repeated / truncated to P;
+embeddings of the tokenized `init_text` repeated / truncated to P (both as
+the family's embedding module gives them: Gemma's times sqrt(d));
 P-tuning's embedding N(0, 1) and its MLP torch.nn.Linear's default.
 
 KV cache: the first call on a cache prepends the prompt and grows the cache
@@ -127,6 +128,8 @@ def init(base: dict, cfg: PromptTuningConfig | PTuningConfig, key: jax.Array,
             ids = jnp.asarray(text_token_ids(
                 ctx.tokenize(cfg.tokenizer_name_or_path, cfg.init_text), p))
         prompts = qarray.take(vocab, ids, jnp.float32)
+        if ctx.presets.embedding_scale is not None:  # rows as the embedding module gives them
+            prompts = prompts * jnp.float32(ctx.presets.embedding_scale(d))
     return {**base, EMBEDDINGS: prompts}
 
 

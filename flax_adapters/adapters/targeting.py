@@ -41,12 +41,16 @@ class Presets:
     preset name -> why the family has none (said when one is asked for);
     peft_all_linear: whether PEFT's "all-linear" selects exactly our linear
     sites (False for mixtures of experts: on transformers 5 PEFT also adapts
-    their router and experts), else exports name the modules."""
+    their router and experts), else exports name the modules;
+    embedding_scale: hidden size -> what the family's embedding module
+    multiplies token rows by (Gemma's sqrt(d)), which PEFT's prompt inits
+    from vocabulary rows go through."""
 
     targets: Mapping[str, tuple[str, ...]]
     series_placement: Mapping[str, str]
     notes: Mapping[str, str] = dataclasses.field(default_factory=dict)
     peft_all_linear: bool = True
+    embedding_scale: Callable[[int], float] | None = None
 
     def target(self, method: str) -> tuple[str, ...]:
         if method not in self.targets:

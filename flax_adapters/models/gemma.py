@@ -84,7 +84,8 @@ PRESETS = Presets(
              "ia3_feedforward": ("down_proj",),
              "bottleneck": ("gate_proj", "up_proj", "down_proj"),  # AdapterH (series)
              "adapterp": ("down_proj",), "parallel": ("q_proj", "k_proj", "v_proj")},
-    series_placement={"gate_proj": "input", "up_proj": "input", "down_proj": "output"})
+    series_placement={"gate_proj": "input", "up_proj": "input", "down_proj": "output"},
+    embedding_scale=lambda d: embedding_scale(d))
 
 # transformers' defaults where a config.json leaves a field out (save_pretrained
 # writes only the fields that differ from them).
