@@ -97,7 +97,8 @@ def test_recipe_has_the_published_hyperparameters(recipe):
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from test_families_full_size import CONFIGS as FAMILY_CONFIGS  # noqa: E402
+from test_families_full_size import CONFIGS as FAMILY_CONFIGS, MOE_CONFIGS  # noqa: E402
+from test_qwen3 import QWEN3_8B  # noqa: E402
 from test_families_full_size import meta_model  # noqa: E402
 
 
@@ -163,12 +164,15 @@ def test_planner_shapes_equal_the_full_eval_shape(model):
     assert jax.tree_util.tree_leaves(shortcut) == jax.tree_util.tree_leaves(full)
 
 
-@pytest.mark.parametrize("hub", ["bigscience/bloomz-7b1", "EleutherAI/gpt-j-6b"])
+@pytest.mark.parametrize("hub", ["bigscience/bloomz-7b1", "EleutherAI/gpt-j-6b", "Qwen/Qwen3-8B",
+                                 "google/gemma-2-9b", "microsoft/Phi-3-mini-4k-instruct",
+                                 "mistralai/Mixtral-8x7B-v0.1"])
 def test_published_table_matches_the_family_tests_configs(hub):
     """The planner's table and tests/test_families_full_size.py's copies of the
     hub config.json give the same model (token ids aside: the plan needs none)."""
     ids = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    theirs = dataclasses.replace(config_from_hf(FAMILY_CONFIGS[hub]), **ids)
+    family_configs = {**FAMILY_CONFIGS, **MOE_CONFIGS, "Qwen/Qwen3-8B": QWEN3_8B}
+    theirs = dataclasses.replace(config_from_hf(family_configs[hub]), **ids)
     assert config_from_hf(plan.PUBLISHED_CONFIGS[hub]) == theirs
 
 

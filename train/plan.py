@@ -84,7 +84,8 @@ from train.loop import optimizer
 GiB = 2 ** 30
 
 # The shape fields of the config.json of the paper's base models as
-# published on the hub (the hub ids of LLM-Adapters' commands), for planning
+# published on the hub (the hub ids of LLM-Adapters' commands, and today's
+# Qwen3, Gemma 2, Phi-3 and Mixtral), for planning
 # without a hub; token ids are left out (the plan needs none). "default" is
 # the embedded SmolLM2-135M-Instruct, as its GGUF header gives it. The test
 # tests/test_recipes.py checks each against an independent count
@@ -106,6 +107,30 @@ PUBLISHED_CONFIGS: dict[str, dict] = {
         "model_type": "gptj", "activation_function": "gelu_new", "n_embd": 4096, "n_head": 16,
         "n_layer": 28, "n_positions": 2048, "rotary_dim": 64, "layer_norm_epsilon": 1e-05,
         "tie_word_embeddings": False, "vocab_size": 50400},
+    "Qwen/Qwen3-8B": {
+        "model_type": "qwen3", "hidden_act": "silu", "hidden_size": 4096, "head_dim": 128,
+        "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_theta": 1000000,
+        "max_position_embeddings": 40960, "tie_word_embeddings": False, "vocab_size": 151936},
+    "google/gemma-2-9b": {
+        "model_type": "gemma2", "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 3584,
+        "head_dim": 256, "intermediate_size": 14336, "num_hidden_layers": 42,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "query_pre_attn_scalar": 256,
+        "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "sliding_window": 4096,
+        "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "max_position_embeddings": 8192,
+        "vocab_size": 256000},
+    "microsoft/Phi-3-mini-4k-instruct": {
+        "model_type": "phi3", "hidden_act": "silu", "hidden_size": 3072,
+        "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+        "max_position_embeddings": 4096, "original_max_position_embeddings": 4096,
+        "sliding_window": 2047, "tie_word_embeddings": False, "vocab_size": 32064},
+    "mistralai/Mixtral-8x7B-v0.1": {
+        "model_type": "mixtral", "hidden_act": "silu", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
+        "tie_word_embeddings": False, "vocab_size": 32000},
     "default": {
         "model_type": "llama", "hidden_act": "silu", "hidden_size": 576,
         "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
