@@ -15,6 +15,17 @@ from typing import Any, Mapping
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def kv_heads(hf: Mapping[str, Any], default: int | None = None) -> int:
+    """`num_key_value_heads` of a config.json (`default`, else one per query
+    head, where it is left out), checked to group the query heads evenly."""
+    heads = hf["num_attention_heads"]
+    kv = hf.get("num_key_value_heads") or default or heads
+    if heads % kv:
+        raise ValueError(f"num_attention_heads={heads} is not a multiple of "
+                         f"num_key_value_heads={kv}")
+    return kv
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """RoPE frequency scaling (`rope_type` 'linear' or 'llama3')."""
@@ -64,11 +75,7 @@ class LlamaConfig:
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r} for {model_type}; only 'silu'")
-        heads = hf["num_attention_heads"]
-        kv_heads = hf.get("num_key_value_heads") or heads
-        if heads % kv_heads:
-            raise ValueError(f"num_attention_heads={heads} is not a multiple of "
-                             f"num_key_value_heads={kv_heads}")
+        heads, kv = hf["num_attention_heads"], kv_heads(hf)
         # Qwen3Config's head_dim defaults to 128, not hidden_size // heads.
         head_dim = hf.get("head_dim") or (128 if model_type == "qwen3"
                                           else hf["hidden_size"] // heads)
@@ -108,7 +115,7 @@ class LlamaConfig:
             intermediate_size=hf["intermediate_size"],
             num_hidden_layers=hf["num_hidden_layers"],
             num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
+            num_key_value_heads=kv,
             head_dim=head_dim,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),

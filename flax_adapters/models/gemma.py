@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from flax_adapters.activations import ACTIVATIONS
 from flax_adapters.adapters import sites
 from flax_adapters.adapters.targeting import Presets
-from flax_adapters.models.config import RopeScaling
+from flax_adapters.models.config import RopeScaling, kv_heads
 from flax_adapters.models.decoder import (Cache, attend, decoder_stack, embed_inputs,
                                           output_logits, real_outputs, sliding_window_mask,
                                           token_embedding)
@@ -193,10 +193,7 @@ class GemmaConfig:
                              "EmbeddingGemma) is not supported; flax_adapters runs causal LMs")
         defaults = _DEFAULTS[model_type]
         heads, layers = hf["num_attention_heads"], hf["num_hidden_layers"]
-        kv_heads = hf.get("num_key_value_heads") or defaults["num_key_value_heads"]
-        if heads % kv_heads:
-            raise ValueError(f"num_attention_heads={heads} is not a multiple of "
-                             f"num_key_value_heads={kv_heads}")
+        kv = kv_heads(hf, defaults["num_key_value_heads"])
         head_dim = hf.get("head_dim") or 256  # transformers' default, not hidden / heads
         if model_type == "gemma":
             # transformers reads the published "gelu" as the tanh GELU it was trained with.
@@ -226,7 +223,7 @@ class GemmaConfig:
         return cls(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"], num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+            num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
             query_pre_attn_scalar=float(scalar), layer_types=types,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), hidden_activation=act,
             rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta,

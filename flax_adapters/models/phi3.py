@@ -59,6 +59,7 @@ import jax.numpy as jnp
 from flax_adapters.activations import ACTIVATIONS
 from flax_adapters.adapters import sites
 from flax_adapters.adapters.targeting import Presets
+from flax_adapters.models.config import kv_heads
 from flax_adapters.models.decoder import (Cache, attend, decoder_stack, embed_inputs,
                                           output_logits, real_outputs, token_embedding)
 from flax_adapters.models.layers import Linear, RMSNorm, apply_partial_rope, apply_rope
@@ -127,10 +128,7 @@ class Phi3Config:
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "Phi3Config":
         d, heads = hf["hidden_size"], hf["num_attention_heads"]
-        kv_heads = hf.get("num_key_value_heads") or heads
-        if heads % kv_heads:
-            raise ValueError(f"num_attention_heads={heads} is not a multiple of "
-                             f"num_key_value_heads={kv_heads}")
+        kv = kv_heads(hf)
         if not hf.get("head_dim") and d % heads:
             raise ValueError(f"hidden_size={d} is not a multiple of num_attention_heads={heads}")
         head_dim = hf.get("head_dim") or d // heads
@@ -165,7 +163,7 @@ class Phi3Config:
             vocab_size=hf["vocab_size"], hidden_size=d,
             intermediate_size=hf["intermediate_size"],
             num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,
-            num_key_value_heads=kv_heads, head_dim=head_dim, rotary_ndims=rotary,
+            num_key_value_heads=kv, head_dim=head_dim, rotary_ndims=rotary,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
             longrope=longrope, hidden_act=act,
